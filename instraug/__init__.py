@@ -1,0 +1,3 @@
+"""instraug: robust instruction tuning data by LLM instruction augmentation (InstrAug)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from instraug.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The Typer command line: one module per command, mounted here."""
+
+from __future__ import annotations
+
+import typer
+
+from instraug import __version__
+from instraug.cli import assemble, config_check, import_templates, render
+
+app = typer.Typer(
+    name="instraug",
+    help="Expand multimodal instruction-tuning data with rephrased, placeholder-safe instructions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"instraug {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """instraug: the InstrAug pipeline (meta-prompts -> generation -> filters -> assembly)."""
+
+
+app.add_typer(config_check.app, name="config")
+app.command("import-templates")(import_templates.import_templates)
+app.command("render")(render.render)
+app.command("assemble")(assemble.assemble)
+
+
+def main() -> None:
+    app()

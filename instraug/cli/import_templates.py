@@ -1,0 +1,32 @@
+"""instraug import-templates"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from instraug.cli._common import OutputOption, QuietOption, info, reports_errors
+
+
+@reports_errors
+def import_templates(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="MultiInstruct's instruction_templates.py (read as a syntax tree, never run), "
+            "or a templates.json of {task, variant, templates} sets."
+        ),
+    ],
+    output: OutputOption = "-",
+    quiet: QuietOption = False,
+) -> None:
+    """Convert upstream instruction templates into an instraug template pool (JSONL)."""
+    from instraug.jsonl import write_jsonl
+    from instraug.multiinstruct import import_templates as read_templates
+
+    rows = read_templates(source)
+    write_jsonl(output, (row.model_dump(mode="json") for row in rows))
+    tasks = len({row.task for row in rows})
+    info(f"{len(rows)} templates of {tasks} tasks -> {output}", quiet)

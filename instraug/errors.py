@@ -1,0 +1,47 @@
+"""Errors a user can act on; the CLI prints their message and exits with their code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InstraugError(Exception):
+    """Base class: a problem the user can fix; its message says what and where."""
+
+    exit_code = 2
+
+
+class InputError(InstraugError):
+    """Bad input data: a file, a line, a field."""
+
+    def __init__(self, reason: str, path: str | Path | None = None, line: int | None = None):
+        self.reason = reason
+        self.path = str(path) if path is not None else None
+        self.line = line
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = self.path or ""
+        if where and self.line is not None:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.reason}" if where else self.reason
+
+
+class ConfigError(InputError):
+    """The YAML config is invalid."""
+
+
+class TemplateError(InputError):
+    """A template or an upstream template expression that cannot be used."""
+
+
+class LLMError(InstraugError):
+    """The LLM backend cannot be used (server down, bad key, unknown model)."""
+
+    exit_code = 3
+
+
+class CacheMissError(InstraugError):
+    """--offline was given and a request is not in the cache."""
+
+    exit_code = 3

@@ -1,0 +1,190 @@
+"""instraug's template syntax: the one place that parses, renders, masks and restores placeholders.
+
+A template is text with placeholders in braces; ``{{`` and ``}}`` are literal braces::
+
+    placeholder := "{" path ("|" filter)* "}"
+    path        := NAME ("." NAME | "[" INTEGER "]")*      # field, key, list index (may be < 0)
+    filter      := "join(" JSON-STRING ")"                  # join a list with a separator
+
+Examples: ``{question}``, ``{meta_data.method}``, ``{region[0]}``, ``{dial_history[-1]}``,
+``{options|join("||||")}``. Parsing never evaluates anything; rendering only looks values up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from instraug.errors import TemplateError
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_STEP = re.compile(rf"\.({_NAME})|\[(-?[0-9]+)\]")
+_NAME_RE = re.compile(_NAME)
+_FILTER = re.compile(r'\|\s*join\(\s*("(?:[^"\\]|\\.)*")\s*\)')
+_LBRACE, _RBRACE = "\\u007b", "\\u007d"  # braces inside a separator, escaped for the scanner
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
+class RenderError(Exception):
+    """A placeholder cannot be filled from the given fields; the message names it."""
+
+
+@dataclass(frozen=True)
+class Placeholder:
+    """One parsed placeholder: a root name, key/index steps, an optional join separator."""
+
+    root: str
+    steps: tuple[str | int, ...] = ()
+    joins: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """Canonical source, without braces."""
+        out = [self.root]
+        for step in self.steps:
+            out.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+        for sep in self.joins:
+            quoted = json.dumps(sep, ensure_ascii=False)
+            out.append(f"|join({quoted.replace('{', _LBRACE).replace('}', _RBRACE)})")
+        return "".join(out)
+
+    def __str__(self) -> str:
+        return "{" + self.text + "}"
+
+    def resolve(self, fields: Mapping[str, Any]) -> str:
+        try:
+            value = fields[self.root]
+        except KeyError:
+            raise RenderError(f"missing field '{self.root}' needed by {self}") from None
+        for step in self.steps:
+            value = _step(value, step, self)
+        for sep in self.joins:
+            if not isinstance(value, list):
+                raise RenderError(f"{self}: cannot join a {type(value).__name__}, need a list")
+            value = sep.join(to_text(item) for item in value)
+        return to_text(value)
+
+
+def to_text(value: Any) -> str:
+    """A value as MultiInstruct's f-strings show it: strings as is, anything else as Python's str()."""
+    return value if isinstance(value, str) else str(value)
+
+
+def _step(value: Any, step: str | int, where: Placeholder) -> Any:
+    if isinstance(step, int):
+        if not isinstance(value, (list, str)):
+            raise RenderError(f"{where}: cannot index a {type(value).__name__}")
+        if not -len(value) <= step < len(value):
+            raise RenderError(f"{where}: index {step} out of range for {len(value)} items")
+        return value[step]
+    if not isinstance(value, dict):
+        raise RenderError(f"{where}: cannot take key '{step}' of a {type(value).__name__}")
+    if step not in value:
+        raise RenderError(f"missing key '{step}' needed by {where}")
+    return value[step]
+
+
+def parse_placeholder(source: str) -> Placeholder:
+    """Parse the text between braces; raise TemplateError if it is not in the grammar."""
+    text = source.strip()
+    match = _NAME_RE.match(text)
+    if not match:
+        raise TemplateError(f"placeholder {{{source}}}: expected a field name")
+    root, pos = match.group(), match.end()
+    steps: list[str | int] = []
+    while (m := _STEP.match(text, pos)) is not None:
+        steps.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    joins: list[str] = []
+    while pos < len(text):
+        m = _FILTER.match(text, pos)
+        if m is None:
+            raise TemplateError(f"placeholder {{{source}}}: cannot read '{text[pos:]}'")
+        joins.append(json.loads(m.group(1)))
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return Placeholder(root, tuple(steps), tuple(joins))
+
+
+Part = str | Placeholder
+
+
+def parse_template(template: str) -> list[Part]:
+    """Split a template into literal text (braces unescaped) and placeholders."""
+    parts: list[Part] = []
+    text: list[str] = []
+    pos = 0
+    for m in _TOKEN.finditer(template):
+        text.append(template[pos : m.start()])
+        pos = m.end()
+        token = m.group()
+        if token in ("{{", "}}"):
+            text.append(token[0])
+        elif m.group(1) is not None:
+            if literal := "".join(text):
+                parts.append(literal)
+            text = []
+            parts.append(parse_placeholder(m.group(1)))
+        else:
+            what = "unmatched '{'" if token == "{" else "single '}'"
+            raise TemplateError(
+                f"{what} at character {m.start() + 1} (write {token}{token} for a literal brace)"
+            )
+    text.append(template[pos:])
+    if literal := "".join(text):
+        parts.append(literal)
+    return parts
+
+
+def escape_literal(text: str) -> str:
+    """Literal text as template source (braces doubled)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def placeholders_of(template: str) -> list[str]:
+    """Canonical placeholder sources of a template, in order, repeats included."""
+    return [str(p) for p in parse_template(template) if isinstance(p, Placeholder)]
+
+
+def literal_text(template: str) -> str:
+    """The template with every placeholder removed (what is left to rephrase)."""
+    return "".join(p for p in parse_template(template) if isinstance(p, str))
+
+
+def canonical(template: str) -> str:
+    """The template re-serialized: placeholders in canonical form, braces escaped."""
+    return "".join(
+        escape_literal(p) if isinstance(p, str) else str(p) for p in parse_template(template)
+    )
+
+
+class CompiledTemplate:
+    """A template ready to render many times: constants folded, parts pre-parsed."""
+
+    __slots__ = ("source", "parts", "fields")
+
+    def __init__(self, source: str, constants: Mapping[str, str] | None = None):
+        self.source = source
+        consts = constants or {}
+        parts: list[str | Callable[[Mapping[str, Any]], str]] = []
+        fields: list[Placeholder] = []
+        for part in parse_template(source):
+            if isinstance(part, Placeholder) and part.root in consts and not part.steps:
+                part = part.resolve(consts)
+            if isinstance(part, str):
+                if parts and isinstance(parts[-1], str):
+                    parts[-1] += part
+                else:
+                    parts.append(part)
+            else:
+                fields.append(part)
+                parts.append(part.resolve)
+        self.parts = tuple(parts)
+        self.fields = tuple(fields)
+
+    def render(self, fields: Mapping[str, Any]) -> str:
+        return "".join(p if isinstance(p, str) else p(fields) for p in self.parts)

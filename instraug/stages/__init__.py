@@ -1,0 +1,1 @@
+"""The pipeline stages: plain functions over iterables of records."""
