@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,3 +188,72 @@ class CompiledTemplate:
 
     def render(self, fields: Mapping[str, Any]) -> str:
         return "".join(p if isinstance(p, str) else p(fields) for p in self.parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Masking for the LLM: each distinct placeholder becomes {A}, {B}, ... and comes back exactly
+
+_MASK_TOKEN = re.compile(r"\{([A-Z]{1,2})\}")
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A template as the LLM sees it, and the letter -> placeholder mapping to undo it."""
+
+    text: str
+    mapping: dict[str, str]
+
+    @property
+    def tokens(self) -> list[str]:
+        return ["{" + letter + "}" for letter in self.mapping]
+
+
+def _letters() -> Iterator[str]:
+    alphabet = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    yield from alphabet
+    for first in alphabet:
+        for second in alphabet:
+            yield first + second
+
+
+def mask_placeholders(template: str) -> Masked:
+    """Replace each distinct placeholder by one letter token, in order of first appearance.
+
+    Letters that the literal text already shows as ``{X}`` are skipped, so they are never
+    mistaken for masks when the answer comes back.
+    """
+    parts = parse_template(template)
+    taken = {m.group(1) for p in parts if isinstance(p, str) for m in _MASK_TOKEN.finditer(p)}
+    letters = (letter for letter in _letters() if letter not in taken)
+    by_source: dict[str, str] = {}
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        source = str(part)
+        if source not in by_source:
+            by_source[source] = next(letters)
+        out.append("{" + by_source[source] + "}")
+    return Masked("".join(out), {letter: source for source, letter in by_source.items()})
+
+
+def restore_placeholders(text: str, masked: Masked) -> tuple[str, list[str]]:
+    """An LLM answer back into template syntax: mask tokens become their placeholders, every other
+    brace is literal. Also returns the mask-like tokens ({X}) that map to nothing."""
+    literal_tokens = set(_MASK_TOKEN.findall(masked.text)) - set(masked.mapping)
+    out: list[str] = []
+    unknown: list[str] = []
+    pos = 0
+    for m in _MASK_TOKEN.finditer(text):
+        out.append(escape_literal(text[pos : m.start()]))
+        pos = m.end()
+        letter = m.group(1)
+        if letter in masked.mapping:
+            out.append(masked.mapping[letter])
+        else:
+            if letter not in literal_tokens:
+                unknown.append(m.group())
+            out.append(escape_literal(m.group()))
+    out.append(escape_literal(text[pos:]))
+    return "".join(out), unknown
