@@ -27,3 +27,19 @@ class Template(Instruction):
     template_id: str
     placeholders: list[str]
     origin: Literal["original", "generated"] = "original"
+
+    def as_row(self) -> dict[str, object]:
+        """The JSONL row, keys in reading order."""
+        data = self.model_dump(mode="json")
+        order = ("task", "variant", "template_id", "template", "placeholders")
+        return {**{k: data[k] for k in order}, **{k: v for k, v in data.items() if k not in order}}
+
+
+class MetaPrompt(BaseModel):
+    """A meta-prompt: how to ask the LLM for a rephrasing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+    origin: Literal["direct", "bootstrap", "curated"]

@@ -27,6 +27,6 @@ def import_templates(
     from instraug.multiinstruct import import_templates as read_templates
 
     rows = read_templates(source)
-    write_jsonl(output, (row.model_dump(mode="json") for row in rows))
+    write_jsonl(output, (row.as_row() for row in rows))
     tasks = len({row.task for row in rows})
     info(f"{len(rows)} templates of {tasks} tasks -> {output}", quiet)
