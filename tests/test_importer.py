@@ -48,7 +48,7 @@ DIALOG = {"dialog_hist": [{"q": "is it sunny", "a": "yes"}, {"q": "any {people}"
 #: One instance per task of the fixture (two for tasks whose templates depend on the data).
 INSTANCES: list[tuple[str, dict[str, Any]]] = [
     ("image_caption", {}),
-    ("VQA", {"question": "What is {this}?", "options": ["a cat", "a \"dog\""]}),
+    ("VQA", {"question": "What is {this}?", "options": ["a cat", 'a "dog"']}),
     ("VG", {"text": "the man's 'hat' {left}"}),
     ("object_match", {"region": ["<bin_1> <bin_2>", "<bin_3>"], "options": ["yes", "no"]}),
     ("text_legibility", {"region": ["<bin_4>", "<bin_5>"], "options": ["legible", "illegible"]}),
@@ -67,7 +67,7 @@ INSTANCES: list[tuple[str, dict[str, Any]]] = [
     ("wikihow_next_step", {"text": "Cut.", "context": [], "meta_data": {"method": "Kite"}}),
     (
         "wikihow_text_image_step_order",
-        {"text": "Cut.", "options": ["x", "y"], "meta_data": {"method": "Make a \"kite\""}},
+        {"text": "Cut.", "options": ["x", "y"], "meta_data": {"method": 'Make a "kite"'}},
     ),
     (
         "select_overlap_most_region",
@@ -166,24 +166,44 @@ def test_rows_are_originals_with_stable_ids(mini_rows: list[Template]) -> None:
         ("VG/0", 'The region in image that "{text}" describes is'),
         ("VG/1", 'The goal of this task is to find the part of the image with the description: "{text}"'),
         ("VG/2", "Find the region that '{text}' describes."),
-        ("object_match/0", 'Are the object in {region[0]} and object in {region[1]} the same type? '
-         '{options_token} {options|join("||||")}'),
-        ("object_match/1", 'Do objects in {region|join("||||")} have the same type? '
-         '{options_token} {options|join("||||")}'),
+        (
+            "object_match/0",
+            "Are the object in {region[0]} and object in {region[1]} the same type? "
+            '{options_token} {options|join("||||")}',
+        ),
+        (
+            "object_match/1",
+            'Do objects in {region|join("||||")} have the same type? {options_token} {options|join("||||")}',
+        ),
         # implicit concatenation of two f-strings on two lines is one template
-        ("text_legibility/1", 'Decide if the text in {region|join("||||")} is clear and complete. '
-         '{options_token} {options|join("||||")}'),
+        (
+            "text_legibility/1",
+            'Decide if the text in {region|join("||||")} is clear and complete. '
+            '{options_token} {options|join("||||")}',
+        ),
         # literal braces: {{ }} in an f-string, { } in a plain string joined with + to an f-string
-        ("text_legibility/2", 'Is the text {{legible}}? Answer with {{yes}} or {{no}}.{options_token} '
-         '{options|join("||||")}'),
+        (
+            "text_legibility/2",
+            'Is the text {{legible}}? Answer with {{yes}} or {{no}}.{options_token} {options|join("||||")}',
+        ),
         ("text_legibility/3", 'Reply {{"legible": true}} or {{"legible": false}} for {region|join("||||")}.'),
-        ("visual_object_identification/0", "Given the image, the subject in {region[0]} {meta_data.relation} what?"),
-        ("visual_object_identification/1",
-         'Given the subject in {region[0]} and relationship "{meta_data.relation}". What is the object?'),
-        ("if_region_overlap/1", 'Does {given_region} share common area with {region[-1]}?{options_token} '
-         '{options|join("||||")}'),
-        ("visual_dialog/0", 'Dialogue history: {dial_history|join(" ")}\nBased on the image and dialogue '
-         "history, answer: {question}?"),
+        (
+            "visual_object_identification/0",
+            "Given the image, the subject in {region[0]} {meta_data.relation} what?",
+        ),
+        (
+            "visual_object_identification/1",
+            'Given the subject in {region[0]} and relationship "{meta_data.relation}". What is the object?',
+        ),
+        (
+            "if_region_overlap/1",
+            'Does {given_region} share common area with {region[-1]}?{options_token} {options|join("||||")}',
+        ),
+        (
+            "visual_dialog/0",
+            'Dialogue history: {dial_history|join(" ")}\nBased on the image and dialogue '
+            "history, answer: {question}?",
+        ),
         ("visual_dialog/1", "Context: {dial_history[-1]}\n\nBased on the image, answer {question}?"),
     ],
 )
@@ -299,7 +319,9 @@ def branch_file(tmp_path: Path, body: str, *, preamble: str = "") -> Path:
     ],
 )
 def test_unsupported_expression_names_task_index_and_expression(tmp_path: Path, expression: str) -> None:
-    path = branch_file(tmp_path, f'        instructs = [f"ok {{question}}",\n            f"x {expression} y"]\n')
+    path = branch_file(
+        tmp_path, f'        instructs = [f"ok {{question}}",\n            f"x {expression} y"]\n'
+    )
     with pytest.raises(TemplateError) as info:
         import_templates(path)
     assert str(info.value) == f"{path}:6: task VQA, template 1: unsupported expression {expression}"
@@ -403,7 +425,10 @@ def test_question_rewritten_only_for_numbered_instructions_is_allowed(tmp_path: 
         encoding="utf-8",
     )
     rows = import_templates(path)
-    assert [row.template for row in rows] == ["{question} {region_info}{options_str}", "{question}{options_str}"]
+    assert [row.template for row in rows] == [
+        "{question} {region_info}{options_str}",
+        "{question}{options_str}",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
