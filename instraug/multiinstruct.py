@@ -510,18 +510,25 @@ def derived_names(task: str) -> set[str]:
     return {"options_str", *DERIVED.get(task, {})}
 
 
-def render_fields(task: str, instance: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-    """The instance's fields as the templates of its task see them (derived values included)."""
+def render_fields(
+    task: str, instance: dict[str, Any], rng: random.Random, needs: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """The instance's fields as the templates of its task see them (derived values included).
+
+    `needs` limits the derived values to those some template reads; None derives them all.
+    The instance itself is never modified.
+    """
     derivers = DERIVED.get(task)
-    options = instance.get("options")
-    if derivers is None and not isinstance(options, list):
+    wants_options_str = needs is None or "options_str" in needs
+    if derivers is None and not (wants_options_str and instance.get("options").__class__ is list):
         return instance
     fields = dict(instance)
     if derivers:
         for key, derive in derivers.items():
-            fields[key] = derive(instance, rng)
+            if needs is None or key in needs:
+                fields[key] = derive(instance, rng)
     options = fields.get("options")
-    if isinstance(options, list):
+    if wants_options_str and isinstance(options, list):
         fields["options_str"] = f"{OPTIONS_TOKEN} {SPLIT.join(map(str, options))}"
     return fields
 

@@ -163,31 +163,66 @@ def canonical(template: str) -> str:
 
 
 class CompiledTemplate:
-    """A template ready to render many times: constants folded, parts pre-parsed."""
+    """A template ready to render many times: constants folded, each placeholder a lookup function."""
 
-    __slots__ = ("source", "parts", "fields")
+    __slots__ = ("source", "fields", "_format", "_resolvers")
 
     def __init__(self, source: str, constants: Mapping[str, str] | None = None):
         self.source = source
         consts = constants or {}
-        parts: list[str | Callable[[Mapping[str, Any]], str]] = []
+        pieces: list[str] = []
         fields: list[Placeholder] = []
         for part in parse_template(source):
             if isinstance(part, Placeholder) and part.root in consts and not part.steps:
                 part = part.resolve(consts)
             if isinstance(part, str):
-                if parts and isinstance(parts[-1], str):
-                    parts[-1] += part
-                else:
-                    parts.append(part)
+                pieces.append(part.replace("{", "{{").replace("}", "}}"))
             else:
                 fields.append(part)
-                parts.append(part.resolve)
-        self.parts = tuple(parts)
+                pieces.append("{}")
         self.fields = tuple(fields)
+        # A positional-only format string built here from escaped literals: no names, no lookups.
+        self._format = "".join(pieces).format
+        self._resolvers = tuple(_resolver(p) for p in fields)
+
+    @property
+    def roots(self) -> frozenset[str]:
+        """The field names this template reads."""
+        return frozenset(p.root for p in self.fields)
 
     def render(self, fields: Mapping[str, Any]) -> str:
-        return "".join(p if isinstance(p, str) else p(fields) for p in self.parts)
+        return self._format(*[resolve(fields) for resolve in self._resolvers])
+
+
+def _resolver(placeholder: Placeholder) -> Callable[[Mapping[str, Any]], str]:
+    """A fast lookup for the common shapes; the general path otherwise (same results)."""
+    root = placeholder.root
+    if placeholder.steps:
+        return placeholder.resolve
+    if not placeholder.joins:
+
+        def field(fields: Mapping[str, Any]) -> str:
+            try:
+                value = fields[root]
+            except KeyError:
+                raise RenderError(f"missing field '{root}' needed by {placeholder}") from None
+            return value if value.__class__ is str else to_text(value)
+
+        return field
+    if len(placeholder.joins) == 1:
+        join = placeholder.joins[0].join
+
+        def joined(fields: Mapping[str, Any]) -> str:
+            value = fields.get(root)
+            if value.__class__ is list:
+                try:
+                    return join(value)
+                except TypeError:
+                    pass  # non-string items: the general path formats them
+            return placeholder.resolve(fields)
+
+        return joined
+    return placeholder.resolve
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from instraug.errors import InputError, TemplateError
 from instraug.jsonl import read_jsonl
-from instraug.multiinstruct import CONSTANTS, VariantSelector
+from instraug.multiinstruct import CONSTANTS, VariantSelector, derived_names
 from instraug.placeholders import CompiledTemplate
 from instraug.records import Instruction
 
@@ -40,6 +40,7 @@ class InstructionPool:
 
     def __init__(self, rows: Iterable[tuple[str, int, Instruction]]):
         self.tasks: dict[str, dict[str | None, TemplateSet]] = {}
+        self.needs: dict[str, frozenset[str]] = {}
         seen: dict[str, tuple[str, int]] = {}
         for name, line, row in rows:
             if row.instruction_id in seen:
@@ -64,6 +65,11 @@ class InstructionPool:
                 else sets[row.variant].generated
             )
             target.append(PoolEntry(row, compiled))
+            self.needs[row.task] = self.needs.get(row.task, frozenset()) | compiled.roots
+        for task, sets in self.tasks.items():
+            if any(variant is not None for variant in sets):
+                # choosing a variant may read any derived value
+                self.needs[task] = self.needs[task] | derived_names(task)
 
     @classmethod
     def load(cls, path: str | Path) -> InstructionPool:

@@ -46,34 +46,35 @@ def assemble(
     rng = random.Random(seed)
     skip = frozenset(held_out)
     summary = summary if summary is not None else AssemblySummary()
+    by_origin, by_task = summary.by_origin, summary.by_task
     for name, line, task, instance in instances:
         if task in skip:
             summary.held_out[task] += 1
             continue
+        # the instance dict is this row's own (read fresh from its line), so it becomes the output row
         if shuffle_options and isinstance(instance.get("options"), list):
             options = list(instance["options"])
             rng.shuffle(options)
-            instance = {**instance, "options": options}
+            instance["options"] = options
         try:
-            fields = render_fields(task, instance, rng)
+            fields = render_fields(task, instance, rng, pool.needs.get(task))
             entry = _draw(pool, task, fields, rng, epsilon)
             if entry is None:
                 raise InputError(f"task {task!r} has no templates in the pool", name, line)
-            prompt = entry.compiled.render(fields)
+            instance["prompt"] = entry.compiled.render(fields)
         except RenderError as exc:
             raise InputError(f"task {task}: {exc}", name, line) from None
-        row = dict(instance)
-        row["prompt"] = prompt
-        if "target" not in row:
-            if "target_txt" not in row:
+        if "target" not in instance:
+            if "target_txt" not in instance:
                 raise InputError("missing field 'target_txt' (the training target)", name, line)
-            row["target"] = row["target_txt"]
-        row["instruction_id"] = entry.row.instruction_id
-        row["instruction_origin"] = entry.row.origin
+            instance["target"] = instance["target_txt"]
+        origin = entry.row.origin
+        instance["instruction_id"] = entry.row.instruction_id
+        instance["instruction_origin"] = origin
         summary.written += 1
-        summary.by_origin[entry.row.origin] += 1
-        summary.by_task[task] += 1
-        yield row
+        by_origin[origin] += 1
+        by_task[task] += 1
+        yield instance
 
 
 def _draw(
@@ -85,7 +86,8 @@ def _draw(
     original, generated = template_set.original, template_set.generated
     use_original = rng.random() < epsilon
     choices = original if (use_original and original) or not generated else generated
-    return choices[rng.randrange(len(choices))] if choices else None
+    # int(random() * n) rather than randrange(n): same uniform draw for small n, 3x cheaper
+    return choices[int(rng.random() * len(choices))] if choices else None
 
 
 def render_all(

@@ -1,0 +1,56 @@
+"""Stage fingerprints of a run directory, so a re-run redoes only what its inputs changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from instraug import __version__
+
+STATE_FILE = ".instraug-state.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of the canonical JSON of what determines a stage's output."""
+    blob = orjson.dumps([__version__, *parts], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(blob).hexdigest()
+
+
+class RunState:
+    """Which stage outputs of a run directory are up to date."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / STATE_FILE
+        try:
+            self.stages: dict[str, dict[str, str]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.stages = {}
+
+    def fresh(self, stage: str, output: Path, print_: str) -> bool:
+        """True when `output` exists, was made from inputs with this fingerprint, and is unchanged."""
+        entry = self.stages.get(stage)
+        return bool(
+            entry
+            and entry.get("inputs") == print_
+            and output.is_file()
+            and entry.get("output") == file_digest(output)
+        )
+
+    def record(self, stage: str, output: Path, print_: str) -> None:
+        self.stages[stage] = {"inputs": print_, "output": file_digest(output)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stages, indent=1, sort_keys=True))
+        tmp.replace(self.path)

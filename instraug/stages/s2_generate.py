@@ -1,0 +1,197 @@
+"""Stage 2: templates x meta-prompts x sampling plan -> placeholder-protected generations.
+
+The scheduler asks, for every template still short of `expansion.factor` kept candidates, for
+as many new samples as it still needs (next meta-prompt, then next temperature, then next
+sample index), judges the answers with the stage-3 rules in a fixed order, and stops at the
+factor or at `expansion.max_attempts`. Kept outputs of one iteration are the inputs of the next.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from instraug.config import Config
+from instraug.placeholders import Masked, literal_text, mask_placeholders, placeholders_of
+from instraug.records import MetaPrompt
+from instraug.stages.s1_meta_prompts import Seeds, system_prompt
+
+if TYPE_CHECKING:
+    from instraug.llm import LLMSession
+
+#: judge(generation row) -> (kept, reasons, instruction row or None)
+Judge = Callable[[dict[str, Any]], tuple[bool, list[str], "dict[str, Any] | None"]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """An instruction to rephrase: an original template or a kept generation of an earlier round."""
+
+    instruction_id: str
+    task: str
+    variant: str | None
+    template: str
+    root_id: str
+    root_template: str
+    iteration: int
+
+
+@dataclass
+class GenerationSummary:
+    requests: int = 0
+    attempts: Counter[str] = field(default_factory=Counter)  # by root id
+    kept: Counter[str] = field(default_factory=Counter)  # by root id
+    roots: dict[str, str] = field(default_factory=dict)  # root id -> task
+    skipped: dict[str, str] = field(default_factory=dict)  # template id -> why
+
+    def achieved_factor(self) -> dict[str, dict[str, float | int]]:
+        """Per task: templates augmented, kept generations, kept per template."""
+        out: dict[str, dict[str, float | int]] = {}
+        for root, task in self.roots.items():
+            entry = out.setdefault(task, {"templates": 0, "kept": 0, "attempts": 0})
+            entry["templates"] += 1
+            entry["kept"] += self.kept[root]
+            entry["attempts"] += self.attempts[root]
+        for entry in out.values():
+            entry["factor"] = round(entry["kept"] / entry["templates"], 3)
+        return dict(sorted(out.items()))
+
+
+def augmentable(template: str, task: str, held_out: Iterable[str]) -> str | None:
+    """Why a template is not augmented, or None when it is."""
+    if task in set(held_out):
+        return "held_out_task"
+    if not literal_text(template).strip(" \t\n.,;:!?\"'"):
+        return "pure_placeholder"
+    return None
+
+
+def attempt_plan(index: int, n_meta: int, temperatures: list[float]) -> tuple[int, float, int]:
+    """Attempt number -> (meta-prompt index, temperature, sample index): meta-prompts vary fastest."""
+    meta = index % n_meta
+    temperature = temperatures[(index // n_meta) % len(temperatures)]
+    sample = index // (n_meta * len(temperatures))
+    return meta, temperature, sample
+
+
+@dataclass
+class _State:
+    source: Source
+    attempts: int = 0
+    kept: int = 0
+
+
+def generate(
+    templates: Iterable[dict[str, Any]],
+    meta_prompts: list[MetaPrompt],
+    seeds: Seeds,
+    config: Config,
+    llm: LLMSession,
+    judge: Judge,
+    summary: GenerationSummary | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield generation rows in a deterministic order (round by round, template order within)."""
+    from instraug.llm.base import ChatRequest
+
+    summary = summary if summary is not None else GenerationSummary()
+    if not meta_prompts:
+        raise ValueError("no meta-prompts")
+    expansion, sampling = config.expansion, config.sampling
+    sources: list[Source] = []
+    for row in templates:
+        why = augmentable(row["template"], row["task"], config.assembly.held_out_tasks)
+        if why:
+            summary.skipped[row["instruction_id"]] = why
+            continue
+        sources.append(
+            Source(
+                row["instruction_id"],
+                row["task"],
+                row.get("variant"),
+                row["template"],
+                row["root_id"],
+                row["template"],
+                1,
+            )
+        )
+        summary.roots[row["root_id"]] = row["task"]
+    for iteration in range(1, expansion.iterations + 1):
+        states = [_State(source) for source in sources]
+        next_sources: list[Source] = []
+        while True:
+            batch: list[tuple[_State, MetaPrompt, float, int, Masked | None, Any]] = []
+            for state in states:
+                need = min(expansion.factor - state.kept, expansion.max_attempts - state.attempts)
+                for _ in range(max(need, 0)):
+                    meta_i, temperature, sample = attempt_plan(
+                        state.attempts, len(meta_prompts), sampling.temperatures
+                    )
+                    state.attempts += 1
+                    summary.attempts[state.source.root_id] += 1
+                    meta = meta_prompts[meta_i]
+                    masked = (
+                        mask_placeholders(state.source.template) if expansion.protect_placeholders else None
+                    )
+                    shown = masked.text if masked else state.source.template
+                    tokens = masked.tokens if masked else _distinct(placeholders_of(state.source.template))
+                    request = ChatRequest(
+                        messages=(("system", system_prompt(seeds, meta.text, tokens)), ("user", shown)),
+                        temperature=temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        stop=tuple(sampling.stop),
+                        sample_index=sample,
+                        tag=len(batch),
+                    )
+                    batch.append((state, meta, temperature, sample, masked, request))
+            if not batch:
+                break
+            summary.requests += len(batch)
+            answers = {c.request.tag: c for c in llm.run([item[-1] for item in batch])}
+            for tag, (state, meta, temperature, sample, masked, _request) in enumerate(batch):
+                completion = answers[tag]
+                source = state.source
+                row: dict[str, Any] = {
+                    "template_id": source.instruction_id,
+                    "task": source.task,
+                    "variant": source.variant,
+                    "meta_prompt_id": meta.id,
+                    "temperature": temperature,
+                    "sample_index": sample,
+                    "iteration": iteration,
+                    "parent_id": source.instruction_id,
+                    "root_id": source.root_id,
+                    "parent_template": source.template,
+                    "root_template": source.root_template,
+                    "masked": masked.text if masked else None,
+                    "mapping": masked.mapping if masked else {},
+                    "raw": completion.text,
+                    "request_hash": completion.key,
+                    "model": completion.model,
+                    "error": completion.error,
+                }
+                kept, reasons, instruction = judge(row)
+                row["kept"] = kept
+                row["reasons"] = reasons
+                yield row
+                if kept and instruction is not None:
+                    state.kept += 1
+                    summary.kept[source.root_id] += 1
+                    next_sources.append(
+                        Source(
+                            instruction["instruction_id"],
+                            source.task,
+                            source.variant,
+                            instruction["template"],
+                            source.root_id,
+                            source.root_template,
+                            iteration + 1,
+                        )
+                    )
+        sources = next_sources
+
+
+def _distinct(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
