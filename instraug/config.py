@@ -41,11 +41,14 @@ class LLMConfig(Section):
     requests_per_minute: float | None = Field(None, gt=0)
     timeout: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0, le=100)
+    retry_initial_wait: float = Field(1.0, ge=0, le=600)
+    retry_max_wait: float = Field(60.0, ge=0, le=3600)
     n: int = Field(1, ge=1, le=128)
     seed: int = 0
     cache_path: str | None = None
     server_startup_timeout: float = Field(120.0, gt=0)
     n_ctx: int = Field(2048, ge=256)
+    n_threads: int | None = Field(None, ge=1, le=1024)
     price_per_1k_input: float | None = Field(None, ge=0)
     price_per_1k_output: float | None = Field(None, ge=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from instraug import __version__
-from instraug.cli import assemble, config_check, import_templates, render
+from instraug.cli import assemble, cache, config_check, import_templates, render, serve
 
 app = typer.Typer(
     name="instraug",
@@ -35,6 +35,8 @@ app.add_typer(config_check.app, name="config")
 app.command("import-templates")(import_templates.import_templates)
 app.command("render")(render.render)
 app.command("assemble")(assemble.assemble)
+app.command("serve")(serve.serve)
+app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:

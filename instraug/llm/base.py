@@ -1,0 +1,187 @@
+"""The backend interface (chat requests in, completions out as they arrive) and its name registry."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from instraug.errors import LLMError
+from instraug.llm.cache import key_of, keyed_fields
+
+if TYPE_CHECKING:
+    from instraug.config import LLMConfig
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion to ask for: the messages, the sampling settings and which sample it is."""
+
+    messages: tuple[tuple[str, str], ...]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    sample_index: int = 0
+    tag: Any = field(default=None, compare=False, hash=False)
+
+    def same_prompt(self, other: ChatRequest) -> bool:
+        """True when the two differ only in sample index (and tag)."""
+        return (
+            self.messages == other.messages
+            and self.temperature == other.temperature
+            and self.top_p == other.top_p
+            and self.max_tokens == other.max_tokens
+            and self.stop == other.stop
+        )
+
+
+@dataclass
+class Completion:
+    """The answer to one ChatRequest; `text` is None and `error` says why when it failed."""
+
+    request: ChatRequest
+    key: str
+    model: str
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    error: str | None = None
+
+
+@dataclass
+class RunStats:
+    """What a session did: requests, cache hits, retries by cause, failures, tokens and cost."""
+
+    price_per_1k_input: float | None = None
+    price_per_1k_output: float | None = None
+    requests: int = 0
+    cache_hits: int = 0
+    requests_sent: int = 0
+    api_calls: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    failures: int = 0
+    truncated: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def cost(self) -> float | None:
+        """Spent on the requests sent, when prices are configured."""
+        if self.price_per_1k_input is None and self.price_per_1k_output is None:
+            return None
+        return self.prompt_tokens / 1000 * (
+            self.price_per_1k_input or 0.0
+        ) + self.completion_tokens / 1000 * (self.price_per_1k_output or 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready numbers."""
+        return {
+            "requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "requests_sent": self.requests_sent,
+            "api_calls": self.api_calls,
+            "retries": dict(sorted(self.retries.items())),
+            "failures": self.failures,
+            "truncated": self.truncated,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": self.cost,
+        }
+
+    def summary(self) -> str:
+        """One line for people."""
+        retries = sum(self.retries.values())
+        causes = ", ".join(f"{cause} {n}" for cause, n in sorted(self.retries.items()))
+        parts = [
+            f"{self.requests} requests",
+            f"{self.cache_hits} cached",
+            f"{self.requests_sent} sent ({self.api_calls} API calls)",
+            f"{retries} retries" + (f" ({causes})" if causes else ""),
+            f"{self.failures} failed",
+            f"tokens in/out {self.prompt_tokens}/{self.completion_tokens}",
+        ]
+        if self.truncated:
+            parts.append(f"{self.truncated} cut at max_tokens")
+        if self.cost is not None:
+            parts.append(f"cost {self.cost:.4f}")
+        return "LLM: " + ", ".join(parts)
+
+
+def derive_seed(seed: int, sample_index: int) -> int:
+    """The per-sample seed sent with a request: stable, and distinct across (seed, sample index)."""
+    digest = hashlib.sha256(f"{seed}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class Backend(abc.ABC):
+    """Turns chat requests into completions; one instance serves a whole session."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: LLMConfig, stats: RunStats, *, quiet: bool = False) -> None:
+        self.config = config
+        self.stats = stats
+        self.quiet = quiet
+        self.model = self.resolve_model(config)
+
+    @classmethod
+    @abc.abstractmethod
+    def resolve_model(cls, config: LLMConfig) -> str:
+        """The model name that goes into cache keys, known without starting anything."""
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Blocking set-up before the first request (start a server, check settings)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what lives on the event loop (HTTP connections)."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Blocking tear-down after the event loop has stopped (stop a server)."""
+
+    @abc.abstractmethod
+    def complete(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Completion]:
+        """Answer every request exactly once, yielding completions in the order they finish."""
+
+    def seed_for(self, request: ChatRequest) -> int:
+        """The seed this backend sends for the request."""
+        return derive_seed(self.config.seed, request.sample_index)
+
+    def keyed_fields(self, request: ChatRequest) -> dict[str, Any]:
+        """What determines this backend's answer to the request."""
+        return keyed_fields(self.model, request, self.seed_for(request))
+
+    def key_for(self, request: ChatRequest) -> str:
+        """The request's cache key for this backend."""
+        return key_of(self.keyed_fields(request))
+
+
+B = TypeVar("B", bound=type[Backend])
+
+#: Backend name (the `llm.backend` config value) -> class.
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str) -> Callable[[B], B]:
+    """Class decorator: make a backend available as `llm.backend: <name>`."""
+
+    def register(cls: B) -> B:
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+
+    return register
+
+
+def get_backend(name: str) -> type[Backend]:
+    """The backend class registered under `name`; an unknown name lists the known ones."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKENDS)) or "none"
+        raise LLMError(f"unknown llm.backend '{name}'; known backends: {known}") from None

@@ -1,0 +1,382 @@
+"""Any OpenAI-compatible server: the one place that builds the client; bounded concurrency, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
+
+from instraug.errors import LLMError
+from instraug.llm.base import Backend, ChatRequest, Completion, register_backend
+
+if TYPE_CHECKING:
+    from openai import APIStatusError, AsyncOpenAI
+
+    from instraug.config import LLMConfig
+
+#: Longest server-requested pause (Retry-After) we honor before retrying.
+MAX_RETRY_AFTER = 300.0
+#: Sent when no key is set and the server is not api.openai.com (vLLM, Ollama, llama.cpp ignore it).
+PLACEHOLDER_KEY = "no-key"
+_RETRY_STATUS = frozenset({408, 409, 429})
+
+
+class RetryableError(Exception):
+    """A failed attempt worth repeating; `cause` names it in the retry statistics."""
+
+    def __init__(self, cause: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+class RejectedRequest(Exception):
+    """The server refused this one request (its prompt is too long): a failure row, no retry."""
+
+
+def build_client(*, base_url: str | None, api_key: str, timeout: float, connections: int) -> AsyncOpenAI:
+    """The AsyncOpenAI client; its own retries are off because tenacity owns them."""
+    import openai
+
+    limits = type(openai.DEFAULT_CONNECTION_LIMITS)(
+        max_connections=max(connections, 1000), max_keepalive_connections=max(connections, 100)
+    )
+    return openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        timeout=timeout,
+        max_retries=0,
+        http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout),
+    )
+
+
+def group_samples(requests: Sequence[ChatRequest], size: int) -> Iterator[list[ChatRequest]]:
+    """Runs of up to `size` requests for the same prompt with consecutive sample indices."""
+    group: list[ChatRequest] = []
+    for request in requests:
+        if (
+            group
+            and len(group) < size
+            and request.sample_index == group[-1].sample_index + 1
+            and request.same_prompt(group[-1])
+        ):
+            group.append(request)
+            continue
+        if group:
+            yield group
+        group = [request]
+    if group:
+        yield group
+
+
+class _WaitRetryAfterOrBackoff(wait_base):
+    """Wait what the server asked for (Retry-After), else exponential backoff with full jitter."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.backoff = wait_random_exponential(multiplier=initial, max=maximum)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RetryableError) and exc.retry_after is not None:
+            return min(exc.retry_after, MAX_RETRY_AFTER)
+        return float(self.backoff(retry_state))
+
+
+@register_backend("openai")
+class OpenAIBackend(Backend):
+    """Chat completions from an OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, llama.cpp ...)."""
+
+    def __init__(self, config: LLMConfig, stats: Any, *, quiet: bool = False) -> None:
+        super().__init__(config, stats, quiet=quiet)
+        self.base_url: str | None = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self._api_key = ""
+        self._client: AsyncOpenAI | None = None
+        self._group_size = config.n
+        self._interval = 60.0 / config.requests_per_minute if config.requests_per_minute else 0.0
+        self._next_slot = 0.0
+        self._pause_until = 0.0
+
+    @classmethod
+    def resolve_model(cls, config: LLMConfig) -> str:
+        if not config.model:
+            raise LLMError("llm.model is required for the openai backend (for example gpt-4o-mini)")
+        return config.model
+
+    def start(self) -> None:
+        self._api_key = os.environ.get(self.config.api_key_env, "")
+        if not self._api_key:
+            if self.base_url is None:
+                raise LLMError(
+                    f"no API key: set the environment variable {self.config.api_key_env} "
+                    "(llm.api_key_env names the variable), or set llm.base_url for a local server"
+                )
+            self._api_key = PLACEHOLDER_KEY
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Completion]:
+        if not requests:
+            return
+        if self._client is None:
+            self._client = build_client(
+                base_url=self.base_url,
+                api_key=self._api_key or PLACEHOLDER_KEY,
+                timeout=self.config.timeout,
+                connections=self.config.max_concurrency,
+            )
+        todo = deque(group_samples(requests, self.config.n))
+        results: asyncio.Queue[Completion | BaseException] = asyncio.Queue()
+
+        async def worker() -> None:
+            try:
+                while todo:
+                    group = todo.popleft()
+                    if len(group) > self._group_size:
+                        todo.appendleft(group[self._group_size :])
+                        group = group[: self._group_size]
+                    answered, missing = await self._answer(group)
+                    for completion in answered:
+                        results.put_nowait(completion)
+                    if missing:
+                        self.stats.retries["fewer_samples"] += len(missing)
+                        todo.appendleft(missing)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                results.put_nowait(exc)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.config.max_concurrency, len(todo)))]
+        try:
+            for _ in range(len(requests)):
+                item = await results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _answer(self, group: list[ChatRequest]) -> tuple[list[Completion], list[ChatRequest]]:
+        """One API call for a group of samples: the completions it gave, and the samples it did not."""
+        first = group[0]
+        params: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": role, "content": content} for role, content in first.messages],
+            "temperature": first.temperature,
+            "top_p": first.top_p,
+            "max_tokens": first.max_tokens,
+            "seed": self.seed_for(first),
+        }
+        if first.stop:
+            params["stop"] = list(first.stop)
+        if len(group) > 1:
+            params["n"] = len(group)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.config.max_retries + 1),
+            wait=_WaitRetryAfterOrBackoff(self.config.retry_initial_wait, self.config.retry_max_wait),
+            retry=retry_if_exception_type(RetryableError),
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    data = await self._post(params)
+        except RetryableError as exc:
+            tries = self.config.max_retries + 1
+            return [self._failure(r, f"{exc.cause} after {tries} attempts: {exc}") for r in group], []
+        except RejectedRequest as exc:
+            return [self._failure(r, str(exc)) for r in group], []
+
+        choices = data["choices"][: len(group)]
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+        completion_tokens = _count(usage.get("completion_tokens"))
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        share, extra = divmod(completion_tokens, len(choices))
+        answered = [
+            Completion(
+                request=request,
+                key=self.key_for(request),
+                model=self.model,
+                text=text,
+                finish_reason=finish_reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=share + (extra if i == 0 else 0),
+                cached=False,
+            )
+            for i, (request, (text, finish_reason)) in enumerate(
+                zip(group[: len(choices)], choices, strict=True)
+            )
+        ]
+        if len(choices) < len(group):
+            # The server gives fewer samples per call than asked (llama.cpp, Ollama): ask for fewer.
+            self._group_size = max(1, min(self._group_size, len(choices)))
+        return answered, group[len(choices) :]
+
+    def _failure(self, request: ChatRequest, error: str) -> Completion:
+        return Completion(
+            request=request,
+            key=self.key_for(request),
+            model=self.model,
+            text=None,
+            finish_reason=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached=False,
+            error=self._scrub(error),
+        )
+
+    def _count_retry(self, retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        self.stats.retries[exc.cause if isinstance(exc, RetryableError) else "other"] += 1
+
+    async def _throttle(self) -> None:
+        """Wait for a rate-limit slot and for any pause a server asked for."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(now, self._pause_until)
+        if self._interval:
+            start = max(start, self._next_slot)
+            self._next_slot = start + self._interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def _post(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One HTTP attempt; every failure becomes RetryableError, RejectedRequest or LLMError."""
+        import openai
+
+        assert self._client is not None
+        await self._throttle()
+        self.stats.api_calls += 1
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**params)
+            content = raw.content
+        except openai.APITimeoutError:
+            raise RetryableError("timeout", f"no answer within {self.config.timeout:g} s") from None
+        except openai.APIConnectionError as exc:
+            raise self._unreachable(self._scrub(f"cannot reach the server: {exc.__cause__ or exc}")) from None
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc) from None
+        return _parse_choices(content)
+
+    def _unreachable(self, message: str) -> Exception:
+        """What a connection failure means here: worth a retry."""
+        return RetryableError("connection", message)
+
+    def _status_error(self, exc: APIStatusError) -> Exception:
+        status = exc.status_code
+        message = self._scrub(_server_message(exc))
+        where = self.base_url or "api.openai.com"
+        if status in _RETRY_STATUS or status >= 500:
+            retry_after = _retry_after(exc.response.headers) if status in (429, 503) else None
+            if retry_after is not None:
+                loop = asyncio.get_running_loop()
+                self._pause_until = max(self._pause_until, loop.time() + min(retry_after, MAX_RETRY_AFTER))
+            cause = "rate_limit" if status == 429 else "server_error" if status >= 500 else f"http_{status}"
+            return RetryableError(cause, f"HTTP {status}: {message}", retry_after)
+        if status == 400 and _is_context_overflow(message):
+            return RejectedRequest(f"HTTP 400: {message}")
+        if status == 401:
+            return LLMError(
+                f"{where} rejected the API key (HTTP 401: {message}); "
+                f"check the environment variable {self.config.api_key_env}"
+            )
+        if status == 403:
+            return LLMError(f"{where} denied access (HTTP 403: {message}); check the key's permissions")
+        if status == 404:
+            return LLMError(
+                f"{where} answered HTTP 404 ({message}); check llm.model ('{self.model}') and llm.base_url"
+            )
+        return LLMError(
+            f"{where} refused the request (HTTP {status}: {message}); "
+            "check llm.model and the sampling settings"
+        )
+
+    def _scrub(self, text: str) -> str:
+        """The text with the API key blanked out, so no message, log or row ever carries it."""
+        if self._api_key and self._api_key != PLACEHOLDER_KEY:
+            text = text.replace(self._api_key, "***")
+        return text
+
+
+def _parse_choices(content: bytes) -> dict[str, Any]:
+    """The response JSON with `choices` reduced to (text, finish_reason) in index order."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise RetryableError("malformed", f"the response is not JSON: {content[:80]!r}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise RetryableError("malformed", "the response has no 'choices' list")
+    if not data["choices"]:
+        raise RetryableError("empty", "the response has no choices")
+    choices: list[tuple[int, str, str | None]] = []
+    for position, choice in enumerate(data["choices"]):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        text = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(text, str):
+            raise RetryableError("malformed", "a choice has no message content")
+        index = choice.get("index")
+        finish_reason = choice.get("finish_reason")
+        choices.append(
+            (
+                index if isinstance(index, int) else position,
+                text,
+                finish_reason if isinstance(finish_reason, str) else None,
+            )
+        )
+    choices.sort(key=lambda c: c[0])
+    data["choices"] = [(text, finish_reason) for _, text, finish_reason in choices]
+    return data
+
+
+def _server_message(exc: APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, dict) else error
+        if message:
+            return str(message)[:300]
+    text = exc.response.text if exc.response is not None else ""
+    return (text or exc.message)[:300].strip()
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, OverflowError):
+                continue
+        if math.isfinite(seconds):
+            return max(seconds, 0.0)
+    return None
+
+
+def _is_context_overflow(message: str) -> bool:
+    lowered = message.lower()
+    return "context" in lowered and ("length" in lowered or "window" in lowered or "exceed" in lowered)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
