@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,12 +84,40 @@ class ExpansionConfig(Section):
     protect_placeholders: bool = True
 
 
+#: Talk about the rewriting itself, which never belongs in an instruction (filters.banned_patterns).
+DEFAULT_BANNED_PATTERNS: tuple[str, ...] = (
+    r"\b(?:rewrit|rephras|paraphras|reword)\w*",
+    r"\bplaceholders?\b",
+    r"\b(?:original|input) (?:instruction|sentence|text)\b",
+    r"\bmeta[- ]?prompts?\b",
+)
+
+
 class FilterConfig(Section):
-    max_length_ratio: float = Field(2.0, gt=0)
-    min_words: int = Field(1, ge=1)
-    banned_patterns: list[str] = Field(default_factory=list)
+    """Stage-3 rules: what a rewrite must satisfy to join the instruction pool."""
+
+    #: words(candidate) must be below this times words(parent), placeholders not counted.
+    max_length_ratio: float = Field(default=2.0, gt=0, le=100)
+    #: ... and at least this many words.
+    min_words: int = Field(default=1, ge=1, le=1000)
+    #: Regular expressions searched case-insensitively in the cleaned reply; a match rejects it.
+    banned_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_BANNED_PATTERNS))
+    #: Reject replies that answer or describe instead of rephrasing (rule answer_like).
     reject_answer_like: bool = True
+    #: Render every candidate on a sample instance of its task (needs `instraug filter --instances`).
     check_render: bool = True
+    #: Instances per task read from --instances for the render check.
+    render_samples: int = Field(default=3, ge=1, le=1000)
+
+    @field_validator("banned_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for i, pattern in enumerate(value):
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                raise ValueError(f"item {i} is not a valid regular expression ({exc}): {pattern!r}") from None
+        return value
 
 
 class AssemblyConfig(Section):

@@ -6,6 +6,7 @@ import typer
 
 from instraug import __version__
 from instraug.cli import assemble, cache, config_check, import_templates, render, serve
+from instraug.cli import filter as filter_cli
 
 app = typer.Typer(
     name="instraug",
@@ -34,6 +35,7 @@ def root(
 app.add_typer(config_check.app, name="config")
 app.command("import-templates")(import_templates.import_templates)
 app.command("render")(render.render)
+app.command("filter")(filter_cli.filter_command)
 app.command("assemble")(assemble.assemble)
 app.command("serve")(serve.serve)
 app.add_typer(cache.app, name="cache")

@@ -1,0 +1,59 @@
+"""instraug filter"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from instraug.cli._common import ConfigOption, OutputOption, QuietOption, info, reports_errors
+
+
+@reports_errors
+def filter_command(
+    generations: Annotated[str, typer.Argument(help="Generations JSONL (instraug generate), or -.")],
+    templates: Annotated[
+        Path,
+        typer.Option("--templates", "-t", help="Template pool JSONL (import-templates): the originals."),
+    ],
+    instances: Annotated[
+        str | None,
+        typer.Option(
+            "--instances",
+            "-i",
+            help="Instance JSONL or MultiInstruct directory: each rewrite must render on an instance "
+            "of its task (config: filters.check_render).",
+        ),
+    ] = None,
+    rejected: Annotated[
+        str | None,
+        typer.Option("--rejected", help="Also write the rejected rows, each with its reasons, here."),
+    ] = None,
+    config: ConfigOption = None,
+    output: OutputOption = "-",
+    quiet: QuietOption = False,
+) -> None:
+    """Stage 3: clean and judge LLM rewrites; write the originals and the kept rewrites as a pool."""
+    from instraug.config import load_config
+    from instraug.errors import InputError
+    from instraug.stages.s3_filter import FilterSummary, filter_to_pool, sample_instances
+
+    if generations == "-" and instances == "-":
+        raise InputError("GENERATIONS and --instances cannot both be read from stdin (-)")
+    if output == "-" and rejected == "-":
+        raise InputError("--output and --rejected cannot both be stdout (-)")
+    settings = load_config(config)
+    filters = settings.filters
+    samples = None
+    if instances is not None and filters.check_render:
+        samples = sample_instances(instances, settings.assembly.split, per_task=filters.render_samples)
+    summary = FilterSummary()
+    counts = filter_to_pool(generations, templates, output, rejected, filters, samples, summary)
+    info(f"filter: {counts['originals']} originals + {summary.kept} kept rewrites -> {output}", quiet)
+    for line in summary.funnel():
+        info(f"  {line}", quiet)
+    if filters.check_render and samples is None:
+        info("  render check skipped: no --instances given", quiet)
+    elif summary.render_skipped:
+        info(f"  render check skipped for {summary.render_skipped} rows: no instance of their task", quiet)
