@@ -157,9 +157,7 @@ def load_config(path: str | Path | None) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            "the config must be a mapping of sections (llm:, sampling:, ...)", name, 1
-        )
+        raise ConfigError("the config must be a mapping of sections (llm:, sampling:, ...)", name, 1)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -221,9 +219,7 @@ def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
                 break
             line = match[0].start_mark.line + 1
             node = match[1]
-        elif (
-            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
-        ):
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
             line = node.start_mark.line + 1
         else:

@@ -93,6 +93,8 @@ def atomic_binary(path: str | Path) -> Iterator[IO[bytes]]:
         sys.stdout.buffer.flush()
         return
     target = Path(path)
+    if target.is_dir():
+        raise InputError("cannot write: is a directory", name)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -101,7 +103,10 @@ def atomic_binary(path: str | Path) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as fp:
             yield fp
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise InputError(f"cannot write: {exc.strerror or exc}", name) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

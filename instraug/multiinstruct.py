@@ -366,9 +366,7 @@ def _check_condition(node: ast.expr, task: str, name: str) -> None:
     try:
         _condition_value(node, None)
     except TemplateError as exc:
-        raise TemplateError(
-            f"task {task}: {exc.reason}", name, getattr(node, "lineno", None)
-        ) from None
+        raise TemplateError(f"task {task}: {exc.reason}", name, getattr(node, "lineno", None)) from None
 
 
 _COMPARE: dict[type, Callable[[Any, Any], bool]] = {
@@ -465,7 +463,12 @@ def _region_info(instance: Mapping[str, Any], _rng: random.Random) -> str:
     regions = meta.get("object_regions") if isinstance(meta, dict) else None
     if not isinstance(regions, dict):
         raise RenderError("missing meta_data.object_regions")
-    return " ".join(f"{k} is in {v[0]}." for k, v in regions.items())
+    parts = []
+    for key, value in regions.items():
+        if not isinstance(value, list) or not value:
+            raise RenderError(f"meta_data.object_regions.{key} must be a non-empty list of regions")
+        parts.append(f"{key} is in {value[0]}.")
+    return " ".join(parts)
 
 
 def _dial_history(instance: Mapping[str, Any], _rng: random.Random) -> list[str]:
@@ -549,15 +552,11 @@ def instance_files(path: str | Path, split: str = "train") -> list[Path]:
     if not files and (root / f"{split}.jsonl").is_file():
         files = [root / f"{split}.jsonl"]
     if not files:
-        raise InputError(
-            f"no instances: expected {data_dir}/*/{split}.jsonl or {split}.jsonl", str(path)
-        )
+        raise InputError(f"no instances: expected {data_dir}/*/{split}.jsonl or {split}.jsonl", str(path))
     return files
 
 
-def read_instances(
-    path: str | Path, split: str = "train"
-) -> Iterator[tuple[str, int, str, dict[str, Any]]]:
+def read_instances(path: str | Path, split: str = "train") -> Iterator[tuple[str, int, str, dict[str, Any]]]:
     """Yield (file, line, task, instance); the task is `task_name`, else the task folder's name."""
     for file in instance_files(path, split):
         folder = file.parent.name if file.parent.parent.name.endswith("_data") else None

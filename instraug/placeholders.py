@@ -157,9 +157,7 @@ def literal_text(template: str) -> str:
 
 def canonical(template: str) -> str:
     """The template re-serialized: placeholders in canonical form, braces escaped."""
-    return "".join(
-        escape_literal(p) if isinstance(p, str) else str(p) for p in parse_template(template)
-    )
+    return "".join(escape_literal(p) if isinstance(p, str) else str(p) for p in parse_template(template))
 
 
 class CompiledTemplate:
@@ -173,7 +171,9 @@ class CompiledTemplate:
         pieces: list[str] = []
         fields: list[Placeholder] = []
         for part in parse_template(source):
-            if isinstance(part, Placeholder) and part.root in consts and not part.steps:
+            if isinstance(part, Placeholder) and part.root in consts:
+                if part.steps or part.joins:
+                    raise TemplateError(f"{part}: {part.root} is a constant; it cannot be indexed or joined")
                 part = part.resolve(consts)
             if isinstance(part, str):
                 pieces.append(part.replace("{", "{{").replace("}", "}}"))

@@ -59,11 +59,7 @@ class InstructionPool:
                     sets[row.variant] = TemplateSet(selector)
             except TemplateError as exc:
                 raise TemplateError(f"{row.instruction_id}: {exc.reason}", name, line) from None
-            target = (
-                sets[row.variant].original
-                if row.origin == "original"
-                else sets[row.variant].generated
-            )
+            target = sets[row.variant].original if row.origin == "original" else sets[row.variant].generated
             target.append(PoolEntry(row, compiled))
             self.needs[row.task] = self.needs.get(row.task, frozenset()) | compiled.roots
         for task, sets in self.tasks.items():

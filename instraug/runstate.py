@@ -35,7 +35,7 @@ class RunState:
     def __init__(self, directory: Path):
         self.path = directory / STATE_FILE
         try:
-            self.stages: dict[str, dict[str, str]] = json.loads(self.path.read_text())
+            self.stages: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.stages = {}
 
@@ -49,8 +49,12 @@ class RunState:
             and entry.get("output") == file_digest(output)
         )
 
-    def record(self, stage: str, output: Path, print_: str) -> None:
-        self.stages[stage] = {"inputs": print_, "output": file_digest(output)}
+    def summary(self, stage: str) -> dict[str, Any]:
+        """What the stage reported when it last ran."""
+        return dict(self.stages.get(stage, {}).get("summary") or {})
+
+    def record(self, stage: str, output: Path, print_: str, summary: dict[str, Any] | None = None) -> None:
+        self.stages[stage] = {"inputs": print_, "output": file_digest(output), "summary": summary or {}}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.stages, indent=1, sort_keys=True))
         tmp.replace(self.path)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from instraug import __version__
-from instraug.cli import assemble, cache, config_check, import_templates, render, serve
+from instraug.cli import (
+    assemble,
+    cache,
+    config_check,
+    expand,
+    generate,
+    import_templates,
+    meta_prompts,
+    render,
+    serve,
+)
 from instraug.cli import filter as filter_cli
 
 app = typer.Typer(
@@ -32,11 +42,14 @@ def root(
     """instraug: the InstrAug pipeline (meta-prompts -> generation -> filters -> assembly)."""
 
 
-app.add_typer(config_check.app, name="config")
-app.command("import-templates")(import_templates.import_templates)
-app.command("render")(render.render)
+app.command("expand")(expand.expand)
+app.command("meta-prompts")(meta_prompts.meta_prompts)
+app.command("generate")(generate.generate)
 app.command("filter")(filter_cli.filter_command)
 app.command("assemble")(assemble.assemble)
+app.command("import-templates")(import_templates.import_templates)
+app.command("render")(render.render)
+app.add_typer(config_check.app, name="config")
 app.command("serve")(serve.serve)
 app.add_typer(cache.app, name="cache")
 

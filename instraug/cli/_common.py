@@ -21,9 +21,7 @@ ConfigOption = Annotated[
         "--config", "-c", help="YAML config (see configs/default.yaml); default: built-in defaults."
     ),
 ]
-OutputOption = Annotated[
-    str, typer.Option("--output", "-o", help="Output JSONL file, or - for stdout.")
-]
+OutputOption = Annotated[str, typer.Option("--output", "-o", help="Output JSONL file, or - for stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
@@ -47,3 +45,12 @@ def info(message: str, quiet: bool = False) -> None:
     """A status line on stderr (stdout may carry data)."""
     if not quiet:
         print(message, file=sys.stderr)
+
+
+OfflineOption = Annotated[
+    bool, typer.Option("--offline", help="Answer from the response cache only; a miss is an error.")
+]
+CacheOption = Annotated[
+    Path | None,
+    typer.Option("--cache", help="Response cache (SQLite) [config: llm.cache_path]."),
+]

@@ -20,9 +20,7 @@ def assemble(
     output: OutputOption = "-",
     epsilon: Annotated[
         float | None,
-        typer.Option(
-            min=0.0, max=1.0, help="Chance of an original instruction [config: assembly.epsilon]."
-        ),
+        typer.Option(min=0.0, max=1.0, help="Chance of an original instruction [config: assembly.epsilon]."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [config: assembly.seed].")] = None,
     include_held_out: Annotated[

@@ -1,0 +1,57 @@
+"""instraug expand"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from instraug.cli._common import (
+    CacheOption,
+    ConfigOption,
+    OfflineOption,
+    QuietOption,
+    info,
+    reports_errors,
+)
+
+
+@reports_errors
+def expand(
+    directory: Annotated[
+        Path, typer.Argument(help="MultiInstruct directory (instruction_templates.py + data).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory.")] = Path("runs/expand"),
+    config: ConfigOption = None,
+    cache: CacheOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Run every stage (meta-prompts, generation, filters, assembly); redo only what changed."""
+    from instraug.config import load_config
+    from instraug.expand import expand as run_expand
+    from instraug.llm import EXIT_COMPLETED_WITH_FAILURES
+
+    settings = load_config(config)
+    result = run_expand(
+        directory,
+        output,
+        settings,
+        offline=offline,
+        quiet=quiet,
+        cache_path=cache,
+        log=lambda msg: info(msg, quiet),
+    )
+    report = result.report
+    funnel = report["funnel"]
+    info(f"generated {funnel['generated']}, kept {funnel['kept']}", quiet)
+    for reason, n in funnel["rejected_by"].items():
+        info(f"  rejected by {reason}: {n}", quiet)
+    for task, entry in report["achieved_factor"].items():
+        flag = "  (short)" if entry["short"] else ""
+        info(f"  {task}: factor {entry['achieved_factor']} of {entry['target_factor']}{flag}", quiet)
+    written = report["assembly"].get("written")
+    info(f"{written} training instances -> {output / 'train.jsonl'}; report: {output / 'report.json'}", quiet)
+    if result.failures:
+        raise typer.Exit(EXIT_COMPLETED_WITH_FAILURES)

@@ -1,0 +1,76 @@
+"""instraug generate"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from instraug.cli._common import (
+    CacheOption,
+    ConfigOption,
+    OfflineOption,
+    OutputOption,
+    QuietOption,
+    info,
+    reports_errors,
+)
+
+
+@reports_errors
+def generate(
+    templates: Annotated[Path, typer.Option("--templates", "-t", help="Templates JSONL (import-templates).")],
+    meta_prompts: Annotated[
+        Path, typer.Option("--meta-prompts", "-m", help="Meta-prompts JSONL (instraug meta-prompts).")
+    ],
+    instances: Annotated[
+        str | None,
+        typer.Option("--instances", "-i", help="Instances to check that kept templates render on."),
+    ] = None,
+    config: ConfigOption = None,
+    output: OutputOption = "-",
+    cache: CacheOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Stage 2: rephrase every augmentable template, placeholders masked, until the factor is met."""
+    from instraug.config import load_config
+    from instraug.jsonl import read_jsonl, write_jsonl
+    from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, open_llm
+    from instraug.records import MetaPrompt
+    from instraug.stages.s1_meta_prompts import load_seeds
+    from instraug.stages.s2_generate import GenerationSummary
+    from instraug.stages.s2_generate import generate as generate_rows
+    from instraug.stages.s3_filter import RuleChain, sample_instances
+
+    settings = load_config(config)
+    rows = [row for _line, row in read_jsonl(templates)]
+    metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(meta_prompts)]
+    samples = (
+        sample_instances(
+            instances, settings.assembly.split, {r["task"] for r in rows}, settings.filters.render_samples
+        )
+        if instances
+        else None
+    )
+    chain = RuleChain(settings.filters, samples, originals=rows)
+    summary = GenerationSummary()
+    path = cache or Path(settings.llm.cache_path or "instraug-cache.sqlite")
+    with open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm:
+        seeds = load_seeds(settings.meta_prompts.directory)
+        count = write_jsonl(
+            output, generate_rows(rows, metas, seeds, settings, llm, chain.judge_row, summary)
+        )
+        failures = llm.stats.failures
+    kept = sum(summary.kept.values())
+    info(f"{count} generations, {kept} kept, {len(summary.roots)} templates -> {output}", quiet)
+    for task, entry in summary.achieved_factor().items():
+        short = " (short of the factor)" if entry["factor"] < settings.expansion.factor else ""
+        info(
+            f"  {task}: {entry['kept']} kept for {entry['templates']} templates = {entry['factor']}{short}",
+            quiet,
+        )
+    if failures:
+        info(f"{failures} requests failed after retries", quiet)
+        raise typer.Exit(EXIT_COMPLETED_WITH_FAILURES)

@@ -1,0 +1,44 @@
+"""instraug meta-prompts"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from instraug.cli._common import (
+    CacheOption,
+    ConfigOption,
+    OfflineOption,
+    OutputOption,
+    QuietOption,
+    info,
+    reports_errors,
+)
+
+
+@reports_errors
+def meta_prompts(
+    config: ConfigOption = None,
+    output: OutputOption = "-",
+    cache: CacheOption = None,
+    offline: OfflineOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Stage 1: the direct prompt plus bootstrapped and/or curated rewriting strategies."""
+    import contextlib
+
+    from instraug.config import load_config
+    from instraug.jsonl import write_jsonl
+    from instraug.stages.s1_meta_prompts import build_meta_prompts, load_seeds
+
+    settings = load_config(config)
+    seeds = load_seeds(settings.meta_prompts.directory)
+    with contextlib.ExitStack() as stack:
+        llm = None
+        if settings.meta_prompts.bootstrap and settings.meta_prompts.merge != "curated":
+            from instraug.llm import open_llm
+
+            path = cache or Path(settings.llm.cache_path or "instraug-cache.sqlite")
+            llm = stack.enter_context(open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet))
+        result = build_meta_prompts(seeds, settings.meta_prompts, settings.sampling, llm)
+    write_jsonl(output, (p.model_dump() for p in result.prompts))
+    info(f"{len(result.prompts)} meta-prompts ({result.bootstrapped} bootstrapped) -> {output}", quiet)

@@ -1,0 +1,255 @@
+"""`instraug expand`: stages 1 -> 4 on a MultiInstruct directory, redoing only what changed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from instraug.config import Config
+from instraug.errors import InputError
+from instraug.jsonl import read_jsonl, write_jsonl
+from instraug.multiinstruct import import_templates, instance_files, read_instances
+from instraug.runstate import RunState, file_digest, fingerprint
+
+if TYPE_CHECKING:
+    from instraug.llm import LLMSession
+
+TEMPLATES = "templates.jsonl"
+META_PROMPTS = "meta_prompts.jsonl"
+GENERATIONS = "generations.jsonl"
+INSTRUCTIONS = "instructions.jsonl"
+REJECTED = "rejected.jsonl"
+TRAIN = "train.jsonl"
+REPORT = "report.json"
+CACHE = "cache.sqlite"
+
+
+@dataclass
+class ExpandResult:
+    out: Path
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "up to date"
+    llm: dict[str, Any] = field(default_factory=dict)
+    failures: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _llm_identity(config: Config) -> dict[str, Any]:
+    """What about the LLM decides its answers (not where it runs or how fast)."""
+    llm = config.llm
+    return {"backend": llm.backend, "model": llm.model, "model_path": llm.model_path, "seed": llm.seed}
+
+
+def expand(
+    directory: Path,
+    out: Path,
+    config: Config,
+    *,
+    offline: bool = False,
+    quiet: bool = False,
+    cache_path: Path | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> ExpandResult:
+    """Run every stage whose inputs changed since the last run into `out`."""
+    started = time.perf_counter()
+    source = directory / "instruction_templates.py"
+    if not source.is_file():
+        raise InputError("not a MultiInstruct directory: no instruction_templates.py", directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState(out)
+    result = ExpandResult(out)
+    split = config.assembly.split
+    inputs = [file_digest(f) for f in instance_files(directory, split)]
+    paths = {name: out / name for name in (TEMPLATES, META_PROMPTS, GENERATIONS, INSTRUCTIONS, TRAIN)}
+
+    def stage(name: str, output: Path, print_: str, run: Callable[[], dict[str, Any] | None]) -> None:
+        if state.fresh(name, output, print_):
+            result.stages[name] = "up to date"
+            log(f"{name}: up to date")
+            return
+        log(f"{name}: running")
+        state.record(name, output, print_, run())
+        result.stages[name] = "ran"
+
+    # 1. templates
+    stage(
+        "templates",
+        paths[TEMPLATES],
+        fingerprint("templates", file_digest(source)),
+        lambda: {"templates": write_jsonl(paths[TEMPLATES], (t.as_row() for t in import_templates(source)))},
+    )
+    templates = [row for _line, row in read_jsonl(paths[TEMPLATES])]
+
+    with contextlib.ExitStack() as stack:
+        session: list[LLMSession] = []
+
+        def llm() -> LLMSession:
+            if not session:
+                from instraug.llm import open_llm
+
+                path = cache_path or (Path(config.llm.cache_path) if config.llm.cache_path else out / CACHE)
+                session.append(
+                    stack.enter_context(open_llm(config.llm, cache_path=path, offline=offline, quiet=quiet))
+                )
+            return session[0]
+
+        # 2. meta-prompts
+        from instraug.stages.s1_meta_prompts import build_meta_prompts, load_seeds
+
+        seeds = load_seeds(config.meta_prompts.directory)
+        meta_print = fingerprint(
+            "meta_prompts",
+            seeds.model_dump(),
+            config.meta_prompts.model_dump(),
+            config.sampling.model_dump(),
+            _llm_identity(config),
+        )
+
+        def run_meta() -> dict[str, Any]:
+            needs_llm = config.meta_prompts.bootstrap and config.meta_prompts.merge != "curated"
+            built = build_meta_prompts(
+                seeds, config.meta_prompts, config.sampling, llm() if needs_llm else None
+            )
+            write_jsonl(paths[META_PROMPTS], (p.model_dump() for p in built.prompts))
+            return {"meta_prompts": len(built.prompts), "bootstrapped": built.bootstrapped}
+
+        stage("meta_prompts", paths[META_PROMPTS], meta_print, run_meta)
+
+        # 3. generation (judged by the stage-3 rules as answers arrive)
+        gen_print = fingerprint(
+            "generations",
+            file_digest(paths[TEMPLATES]),
+            file_digest(paths[META_PROMPTS]),
+            config.sampling.model_dump(),
+            config.expansion.model_dump(),
+            config.filters.model_dump(),
+            config.assembly.held_out_tasks,
+            _llm_identity(config),
+            inputs,
+        )
+
+        def run_generate() -> dict[str, Any]:
+            from instraug.records import MetaPrompt
+            from instraug.stages.s2_generate import GenerationSummary, generate
+            from instraug.stages.s3_filter import RuleChain
+
+            metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(paths[META_PROMPTS])]
+            chain = RuleChain(config.filters, _samples(directory, config, templates), originals=templates)
+            summary = GenerationSummary()
+            rows = generate(templates, metas, seeds, config, llm(), chain.judge_row, summary)
+            write_jsonl(paths[GENERATIONS], rows)
+            return {"requests": summary.requests, "skipped": summary.skipped}
+
+        stage("generations", paths[GENERATIONS], gen_print, run_generate)
+        if session:
+            result.llm = session[0].stats.as_dict()
+            result.failures = session[0].stats.failures
+
+    # 4. filter -> instruction pool
+    filter_print = fingerprint(
+        "instructions",
+        file_digest(paths[GENERATIONS]),
+        file_digest(paths[TEMPLATES]),
+        config.filters.model_dump(),
+        inputs,
+    )
+
+    def run_filter() -> dict[str, Any] | None:
+        from instraug.stages.s3_filter import filter_to_pool
+
+        return filter_to_pool(
+            paths[GENERATIONS],
+            paths[TEMPLATES],
+            paths[INSTRUCTIONS],
+            out / REJECTED,
+            config.filters,
+            _samples(directory, split, templates),
+        )
+
+    stage("instructions", paths[INSTRUCTIONS], filter_print, run_filter)
+
+    # 5. assembly
+    def run_assemble() -> dict[str, Any]:
+        from instraug.pool import InstructionPool
+        from instraug.stages.s4_assemble import AssemblySummary, assemble
+
+        summary = AssemblySummary()
+        rows = assemble(
+            InstructionPool.load(paths[INSTRUCTIONS]),
+            read_instances(directory, split),
+            epsilon=config.assembly.epsilon,
+            seed=config.assembly.seed,
+            held_out=config.assembly.held_out_tasks,
+            shuffle_options=config.assembly.shuffle_options,
+            summary=summary,
+        )
+        write_jsonl(paths[TRAIN], rows)
+        return summary.as_dict()
+
+    assemble_print = fingerprint(
+        "train", file_digest(paths[INSTRUCTIONS]), inputs, config.assembly.model_dump()
+    )
+    stage("train", paths[TRAIN], assemble_print, run_assemble)
+
+    assembly_summary = state.summary("train")
+    result.report = build_report(out, config, result, assembly_summary, time.perf_counter() - started)
+    (out / REPORT).write_bytes(orjson.dumps(result.report, option=orjson.OPT_INDENT_2))
+    return result
+
+
+def _samples(directory: Path, config: Config, templates: list[dict[str, Any]]) -> dict[str, Any]:
+    from instraug.stages.s3_filter import sample_instances
+
+    tasks = {row["task"] for row in templates}
+    return sample_instances(directory, config.assembly.split, tasks, config.filters.render_samples)
+
+
+def build_report(
+    out: Path, config: Config, result: ExpandResult, assembly: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    """report.json: funnel per rule and per task, achieved factor, LLM use, time."""
+    originals: Counter[str] = Counter()
+    for _line, row in read_jsonl(out / TEMPLATES):
+        originals[row["task"]] += 1
+    funnel: dict[str, Any] = {"generated": 0, "kept": 0, "rejected_by": Counter()}
+    by_task: dict[str, dict[str, Any]] = {}
+    roots: dict[str, set[str]] = {}
+    for _line, row in read_jsonl(out / GENERATIONS):
+        task = row["task"]
+        entry = by_task.setdefault(task, {"generated": 0, "kept": 0, "rejected_by": Counter()})
+        roots.setdefault(task, set()).add(row["root_id"])
+        for bucket in (funnel, entry):
+            bucket["generated"] += 1
+            bucket["kept"] += bool(row.get("kept"))
+            bucket["rejected_by"].update(row.get("reasons") or [])
+    factor = config.expansion.factor
+    achieved = {
+        task: {
+            "templates_augmented": len(roots[task]),
+            "kept": entry["kept"],
+            "achieved_factor": round(entry["kept"] / len(roots[task]), 3),
+            "target_factor": factor,
+            "short": entry["kept"] < factor * len(roots[task]),
+        }
+        for task, entry in sorted(by_task.items())
+    }
+    return {
+        "stages": result.stages,
+        "templates": dict(sorted(originals.items())),
+        "funnel": _plain(funnel),
+        "funnel_by_task": {task: _plain(entry) for task, entry in sorted(by_task.items())},
+        "achieved_factor": achieved,
+        "llm": result.llm,
+        "assembly": assembly,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _plain(bucket: dict[str, Any]) -> dict[str, Any]:
+    return {**bucket, "rejected_by": dict(sorted(bucket["rejected_by"].items()))}
