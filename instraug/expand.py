@@ -169,7 +169,7 @@ def expand(
             paths[INSTRUCTIONS],
             out / REJECTED,
             config.filters,
-            _samples(directory, split, templates),
+            _samples(directory, config, templates),
         )
 
     stage("instructions", paths[INSTRUCTIONS], filter_print, run_filter)
