@@ -142,7 +142,7 @@ def expand(
             metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(paths[META_PROMPTS])]
             chain = RuleChain(config.filters, _samples(directory, config, templates), originals=templates)
             summary = GenerationSummary()
-            rows = generate(templates, metas, seeds, config, llm(), chain.judge_row, summary)
+            rows = generate(templates, metas, seeds, config, llm(), chain.judge, summary)
             write_jsonl(paths[GENERATIONS], rows)
             return {"requests": summary.requests, "skipped": summary.skipped}
 

@@ -225,7 +225,7 @@ def _branch_templates(
                     if (target := _instructs_list(inner)) is not None:
                         lists.append((variant, target, inner.lineno))
     rows: list[Template] = []
-    for variant, node, _line in lists:
+    for selected, node, _line in lists:
         for element in node.elts:
             index = len(rows)
             template_id = f"{task}/{index}"
@@ -241,7 +241,7 @@ def _branch_templates(
             rows.append(
                 Template(
                     task=task,
-                    variant=variant,
+                    variant=selected,
                     template_id=template_id,
                     instruction_id=template_id,
                     template=template,

@@ -20,9 +20,10 @@ from instraug.stages.s1_meta_prompts import Seeds, system_prompt
 
 if TYPE_CHECKING:
     from instraug.llm import LLMSession
+    from instraug.stages.s3_filter import Verdict
 
-#: judge(generation row) -> (kept, reasons, instruction row or None)
-Judge = Callable[[dict[str, Any]], tuple[bool, list[str], "dict[str, Any] | None"]]
+#: judge(generation row) -> Verdict (the stage-3 RuleChain.judge): reasons, cleaned text, template, pool row
+Judge = Callable[[dict[str, Any]], "Verdict"]
 
 
 @dataclass(frozen=True)
@@ -100,23 +101,23 @@ def generate(
         raise ValueError("no meta-prompts")
     expansion, sampling = config.expansion, config.sampling
     sources: list[Source] = []
-    for row in templates:
-        why = augmentable(row["template"], row["task"], config.assembly.held_out_tasks)
+    for template in templates:
+        why = augmentable(template["template"], template["task"], config.assembly.held_out_tasks)
         if why:
-            summary.skipped[row["instruction_id"]] = why
+            summary.skipped[template["instruction_id"]] = why
             continue
         sources.append(
             Source(
-                row["instruction_id"],
-                row["task"],
-                row.get("variant"),
-                row["template"],
-                row["root_id"],
-                row["template"],
+                template["instruction_id"],
+                template["task"],
+                template.get("variant"),
+                template["template"],
+                template["root_id"],
+                template["template"],
                 1,
             )
         )
-        summary.roots[row["root_id"]] = row["task"]
+        summary.roots[template["root_id"]] = template["task"]
     for iteration in range(1, expansion.iterations + 1):
         states = [_State(source) for source in sources]
         next_sources: list[Source] = []
@@ -172,11 +173,14 @@ def generate(
                     "model": completion.model,
                     "error": completion.error,
                 }
-                kept, reasons, instruction = judge(row)
-                row["kept"] = kept
-                row["reasons"] = reasons
+                verdict = judge(row)
+                instruction = verdict.instruction
+                row["candidate"] = verdict.cleaned
+                row["template"] = verdict.template
+                row["kept"] = verdict.kept
+                row["reasons"] = verdict.reasons
                 yield row
-                if kept and instruction is not None:
+                if verdict.kept and instruction is not None:
                     state.kept += 1
                     summary.kept[source.root_id] += 1
                     next_sources.append(
