@@ -22,6 +22,7 @@ app = typer.Typer(
     name="instraug",
     help="Expand multimodal instruction-tuning data with rephrased, placeholder-safe instructions.",
     no_args_is_help=True,
+    rich_markup_mode=None,
     add_completion=False,
     pretty_exceptions_enable=False,
 )

@@ -38,6 +38,7 @@ def generate(
     from instraug.config import load_config
     from instraug.jsonl import read_jsonl, write_jsonl
     from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, open_llm
+    from instraug.llm.cache import resolve_cache_path
     from instraug.records import MetaPrompt
     from instraug.stages.s1_meta_prompts import load_seeds
     from instraug.stages.s2_generate import GenerationSummary
@@ -56,7 +57,7 @@ def generate(
     )
     chain = RuleChain(settings.filters, samples, originals=rows)
     summary = GenerationSummary()
-    path = cache or Path(settings.llm.cache_path or "instraug-cache.sqlite")
+    path = resolve_cache_path(settings.llm.cache_path, cache)
     with open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm:
         seeds = load_seeds(settings.meta_prompts.directory)
         count = write_jsonl(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from instraug.cli._common import (
     CacheOption,
     ConfigOption,
@@ -28,6 +26,7 @@ def meta_prompts(
 
     from instraug.config import load_config
     from instraug.jsonl import write_jsonl
+    from instraug.llm.cache import resolve_cache_path
     from instraug.stages.s1_meta_prompts import build_meta_prompts, load_seeds
 
     settings = load_config(config)
@@ -37,7 +36,7 @@ def meta_prompts(
         if settings.meta_prompts.bootstrap and settings.meta_prompts.merge != "curated":
             from instraug.llm import open_llm
 
-            path = cache or Path(settings.llm.cache_path or "instraug-cache.sqlite")
+            path = resolve_cache_path(settings.llm.cache_path, cache)
             llm = stack.enter_context(open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet))
         result = build_meta_prompts(seeds, settings.meta_prompts, settings.sampling, llm)
     write_jsonl(output, (p.model_dump() for p in result.prompts))
