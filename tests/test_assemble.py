@@ -295,3 +295,20 @@ def test_assembly_streams(pool: InstructionPool) -> None:
     rows = assemble(pool, endless(), epsilon=0.5, seed=0)
     first = list(itertools.islice(rows, 5))
     assert [row["unique_id"] for row in first] == [f"vqa-{i}" for i in range(5)]
+
+
+def test_derived_values_do_not_leak_into_the_row() -> None:
+    task = "visual_object_region"
+    template = 'Subject in {region}, relation "{meta_data.relation}"{options_str}'
+    pool = InstructionPool([("p", 1, Instruction.model_validate(pool_row(task, 0, template)))])
+    raw = {
+        "task_name": task,
+        "region": ["<raw>"],
+        "options": ["x", "y"],
+        "meta_data": {"relation": "on", "object_regions": {"subject": ["<s1>", "<s2>"]}},
+        "target_txt": "t",
+    }
+    (row,) = run(pool, [raw], epsilon=1.0)
+    assert row["prompt"] == 'Subject in <s1>||||<s2>, relation "on"\n\n[Options]: x||||y'
+    assert list(row) == list(raw) + ADDED
+    assert row["region"] == ["<raw>"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -469,3 +470,18 @@ def test_version(cli: Cli) -> None:
     result = cli("--version")
     assert result.exit_code == 0
     assert result.stdout == f"instraug {__version__}\n"
+
+
+def test_checkout_directory_reads_every_task_folder(cli: Cli, files: Path) -> None:
+    """A MultiInstruct checkout: training_data/<task>/train.jsonl, task from the folder name."""
+    for task, rows in (("VQA", [vqa(0), vqa(1)]), ("image_caption", [{"target_txt": "a cat"}])):
+        folder = files / "checkout" / "training_data" / task
+        folder.mkdir(parents=True)
+        write_jsonl(folder / "train.jsonl", [{k: v for k, v in r.items() if k != "task_name"} for r in rows])
+    result = cli("assemble", "-p", "pool.jsonl", "-i", "checkout", "-o", "out.jsonl")
+    assert result.exit_code == 0, result.stderr
+    out = read_jsonl(files / "out.jsonl")
+    assert sorted(row["instruction_id"].split("/")[0] for row in out) == ["VQA", "VQA", "image_caption"]
+    origins = Counter(row["instruction_origin"] for row in out)
+    shown = ", ".join(f"{n} {k}" for k, n in sorted(origins.items()))
+    assert result.stderr == f"3 instances of 2 tasks -> out.jsonl ({shown})\n"
