@@ -57,6 +57,13 @@ def chat_body(
     }
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that hang up (timeouts, a killed process) are part of the tests, not errors."""
+
+
 class ScriptedOpenAIServer:
     """Answers /v1/chat/completions from a FIFO script, else with `responder` (default: echo)."""
 
@@ -70,8 +77,7 @@ class ScriptedOpenAIServer:
         self.times: list[float] = []
         self._log = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in close()
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
 
     @property
@@ -121,6 +127,7 @@ class ScriptedOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -133,7 +140,12 @@ class ScriptedOpenAIServer:
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
+                try:
+                    body = json.loads(self.rfile.read(length))
+                    body["messages"][-1]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    self._send(Reply(status=400, body={"error": {"message": "bad request body"}}))
+                    return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(Reply(status=404, body={"error": {"message": "no such route"}}))
                     return

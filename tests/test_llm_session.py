@@ -29,7 +29,8 @@ def llm_threads() -> list[threading.Thread]:
 
 def test_unknown_backend_names_the_known_ones() -> None:
     with pytest.raises(LLMError) as caught:
-        open_llm(LLMConfig(backend="gpt5-turbo"), cache_path=None).__enter__()
+        with open_llm(LLMConfig(backend="gpt5-turbo"), cache_path=None):
+            pass
     assert str(caught.value) == "unknown llm.backend 'gpt5-turbo'; known backends: local, openai"
     assert {"local", "openai"} <= set(BACKENDS)
 
@@ -77,7 +78,8 @@ def test_offline_answers_from_the_cache_and_never_starts_the_backend(
 
 def test_offline_without_a_cache_is_an_error(queue_backend: type[QueueBackend]) -> None:
     with pytest.raises(CacheMissError, match="no cache path"):
-        open_llm(QUEUE, cache_path=None, offline=True).__enter__()
+        with open_llm(QUEUE, cache_path=None, offline=True):
+            pass
 
 
 def test_identical_requests_are_sent_once_and_answered_for_each_asker(

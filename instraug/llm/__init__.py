@@ -60,9 +60,12 @@ class _LoopThread:
             task.add_done_callback(lambda _: on_done())
             tasks.append(task)
 
+        def cancel() -> None:
+            # Callbacks run in order, so the task exists by the time a cancel arrives.
+            self.loop.call_soon_threadsafe(lambda: tasks[0].cancel())
+
         self.loop.call_soon_threadsafe(create)
-        # Callbacks run in order, so the task exists by the time a cancel arrives.
-        return lambda: self.loop.call_soon_threadsafe(lambda: tasks[0].cancel())
+        return cancel
 
     def close(self) -> None:
         """Stop the loop and wait for the thread."""
@@ -91,10 +94,11 @@ class LLMSession:
         self.stats.requests += len(batch)
         progress = self._progress(len(batch))
         try:
+            keys = [self.backend.key_for(request) for request in batch]
+            hits = self.cache.get_many(keys) if self.cache is not None else {}
             pending: dict[str, list[ChatRequest]] = {}
-            for request in batch:
-                key = self.backend.key_for(request)
-                hit = self.cache.get(key) if self.cache is not None else None
+            for request, key in zip(batch, keys, strict=True):
+                hit = hits.get(key)
                 if hit is not None:
                     self.stats.cache_hits += 1
                     completion = Completion(

@@ -120,6 +120,21 @@ class ResponseCache:
             ).fetchone()
         return CachedResponse(*row) if row else None
 
+    def get_many(self, keys: list[str]) -> dict[str, CachedResponse]:
+        """The stored responses among `keys` (one query per few hundred keys)."""
+        found: dict[str, CachedResponse] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, created"
+                    f" FROM responses WHERE key IN ({marks})",
+                    chunk,
+                )
+                found.update((key, CachedResponse(*rest)) for key, *rest in rows)
+        return found
+
     def put(
         self,
         key: str,
@@ -141,7 +156,10 @@ class ResponseCache:
             time.time(),
         )
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            try:
+                self._db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.Error as exc:
+                raise InputError(f"cannot write to the LLM cache: {exc}", self.path) from None
 
     def __len__(self) -> int:
         with self._lock:

@@ -14,12 +14,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from instraug.errors import LLMError
-from instraug.llm.base import register_backend
+from instraug.llm.base import RunStats, register_backend
 from instraug.llm.openai_backend import PLACEHOLDER_KEY, OpenAIBackend
 
 if TYPE_CHECKING:
@@ -90,15 +90,23 @@ def exit_status(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent dies, even by kill -9 (Linux only)."""
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook that has the kernel SIGKILL the child when we die, even by kill -9 (Linux)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     import ctypes
 
+    # Looked up here, in the parent: between fork and exec the child only makes the one call.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died before the call took effect
+            os._exit(1)
+
+    return die_with_parent
 
 
 def _exited_unreaped(pid: int, timeout: float | None) -> bool:
@@ -162,7 +170,7 @@ class LocalServer:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us only; we stop it in order
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work (one prctl)
+                preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one prctl call, nothing else
             )
         except OSError as exc:
             raise LLMError(f"cannot start the local llama.cpp server: {exc}") from None
@@ -259,7 +267,7 @@ def sigterm_unwinds() -> Iterator[None]:
 class LocalBackend(OpenAIBackend):
     """The embedded llama.cpp server (no key, no network beyond 127.0.0.1)."""
 
-    def __init__(self, config: LLMConfig, stats: Any, *, quiet: bool = False) -> None:
+    def __init__(self, config: LLMConfig, stats: RunStats, *, quiet: bool = False) -> None:
         super().__init__(config, stats, quiet=quiet)
         self.server: LocalServer | None = None
 
