@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from instraug.errors import TemplateError
@@ -137,6 +137,8 @@ def test_every_spelling_parses_to_the_same_placeholder(placeholder: Placeholder,
 
 @settings(max_examples=300)
 @given(ANY_TEXT)
+@example('{a|join("\\q")}')
+@example("{a[" + "1" * 4301 + "]}")
 def test_arbitrary_text_parses_or_raises_template_error(text: str) -> None:
     try:
         parts = parse_template(text)
