@@ -145,17 +145,21 @@ def import_templates(path: str | Path) -> list[Template]:
         _read_constant(stmt, constants, name)
     rows: list[Template] = []
     for stmt in func.body:
-        if isinstance(stmt, ast.If):
-            node: ast.stmt | None = stmt
-            while isinstance(node, ast.If):
-                tasks = _branch_tasks(node.test, task_arg)
-                if tasks is None:
-                    raise InputError(
-                        f"cannot read branch condition: {ast.unparse(node.test)}", name, node.lineno
-                    )
-                for task in tasks:
-                    rows.extend(_branch_templates(task, node.body, constants, name))
-                node = node.orelse[0] if len(node.orelse) == 1 else None
+        if not isinstance(stmt, ast.If):
+            continue
+        if _branch_tasks(stmt.test, task_arg) is None:
+            # a preamble such as `if options: random.shuffle(options)`: no templates, nothing to read
+            if _holds_instructs(stmt):
+                raise InputError(f"cannot read branch condition: {ast.unparse(stmt.test)}", name, stmt.lineno)
+            continue
+        node: ast.stmt | None = stmt
+        while isinstance(node, ast.If):
+            tasks = _branch_tasks(node.test, task_arg)
+            if tasks is None:
+                raise InputError(f"cannot read branch condition: {ast.unparse(node.test)}", name, node.lineno)
+            for task in tasks:
+                rows.extend(_branch_templates(task, node.body, constants, name))
+            node = node.orelse[0] if len(node.orelse) == 1 else None
     if not rows:
         raise InputError("build_instruction has no task branches with templates", name)
     return rows
@@ -211,9 +215,9 @@ def _branch_templates(
     derived = _assigned_names(body) - {"instructs"}
     lists: list[tuple[str | None, ast.List, int]] = []
     for stmt in body:
-        if (target := _instructs_list(stmt)) is not None:
+        if (target := _instructs_list(stmt, name, task)) is not None:
             lists.append((None, target, stmt.lineno))
-        elif isinstance(stmt, ast.If):
+        elif isinstance(stmt, ast.If) and _holds_instructs(stmt):
             cond = ast.unparse(stmt.test)
             _check_condition(stmt.test, task, name)
             for variant, block in ((f"if: {cond}", stmt.body), (f"else: {cond}", stmt.orelse)):
@@ -222,7 +226,7 @@ def _branch_templates(
                         raise InputError(
                             f"task {task}: nested conditions are not supported", name, inner.lineno
                         )
-                    if (target := _instructs_list(inner)) is not None:
+                    if (target := _instructs_list(inner, name, task)) is not None:
                         lists.append((variant, target, inner.lineno))
     rows: list[Template] = []
     for selected, node, _line in lists:
@@ -255,15 +259,26 @@ def _branch_templates(
 
 
 def _assigned_names(body: list[ast.stmt]) -> set[str]:
+    """Names a block always assigns: at its top level, or in both arms of an if/else."""
     names: set[str] = set()
     for stmt in body:
-        for node in ast.walk(stmt):
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                names.add(node.id)
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(stmt, ast.If) and stmt.orelse:
+            names |= _assigned_names(stmt.body) & _assigned_names(stmt.orelse)
     return names
 
 
-def _instructs_list(stmt: ast.stmt) -> ast.List | None:
+def _holds_instructs(stmt: ast.stmt) -> bool:
+    return any(
+        isinstance(n, ast.Name) and n.id == "instructs" and isinstance(n.ctx, ast.Store)
+        for n in ast.walk(stmt)
+    )
+
+
+def _instructs_list(stmt: ast.stmt, name: str, task: str) -> ast.List | None:
     if (
         isinstance(stmt, ast.Assign)
         and len(stmt.targets) == 1
@@ -272,7 +287,7 @@ def _instructs_list(stmt: ast.stmt) -> ast.List | None:
     ):
         if isinstance(stmt.value, ast.List):
             return stmt.value
-        raise TemplateError("instructs is not a list literal", line=stmt.lineno)
+        raise TemplateError(f"task {task}: instructs is not a list literal", name, stmt.lineno)
     return None
 
 
@@ -286,7 +301,8 @@ def _template_source(node: ast.expr, constants: Mapping[str, str]) -> str:
                 out.append(escape_literal(value.value))
             elif isinstance(value, ast.FormattedValue):
                 if value.conversion != -1 or value.format_spec is not None:
-                    raise TemplateError(f"unsupported expression {{{ast.unparse(value)[2:-1]}}}")
+                    source = ast.unparse(ast.JoinedStr(values=[value]))[2:-1]
+                    raise TemplateError(f"unsupported expression {source}")
                 out.append(str(convert_expression(value.value, constants)))
             else:  # pragma: no cover - JoinedStr holds only these two
                 raise TemplateError(f"unsupported f-string part {ast.unparse(value)}")

@@ -21,7 +21,7 @@ from typing import Any
 from instraug.errors import TemplateError
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_STEP = re.compile(rf"\.({_NAME})|\[(-?[0-9]+)\]")
+_STEP = re.compile(rf"\.({_NAME})|\[(-?[0-9]{{1,18}})\]")
 _NAME_RE = re.compile(_NAME)
 _FILTER = re.compile(r'\|\s*join\(\s*("(?:[^"\\]|\\.)*")\s*\)')
 _LBRACE, _RBRACE = "\\u007b", "\\u007d"  # braces inside a separator, escaped for the scanner
@@ -103,7 +103,10 @@ def parse_placeholder(source: str) -> Placeholder:
         m = _FILTER.match(text, pos)
         if m is None:
             raise TemplateError(f"placeholder {{{source}}}: cannot read '{text[pos:]}'")
-        joins.append(json.loads(m.group(1)))
+        try:
+            joins.append(json.loads(m.group(1)))
+        except ValueError as exc:
+            raise TemplateError(f"placeholder {{{source}}}: bad separator string ({exc})") from None
         pos = m.end()
         while pos < len(text) and text[pos].isspace():
             pos += 1
