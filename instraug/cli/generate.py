@@ -60,9 +60,7 @@ def generate(
     path = resolve_cache_path(settings.llm.cache_path, cache)
     with open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm:
         seeds = load_seeds(settings.meta_prompts.directory)
-        count = write_jsonl(
-            output, generate_rows(rows, metas, seeds, settings, llm, chain.judge, summary)
-        )
+        count = write_jsonl(output, generate_rows(rows, metas, seeds, settings, llm, chain.judge, summary))
         failures = llm.stats.failures
     kept = sum(summary.kept.values())
     info(f"{count} generations, {kept} kept, {len(summary.roots)} templates -> {output}", quiet)

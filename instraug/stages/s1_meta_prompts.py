@@ -67,14 +67,20 @@ _CHATTER = re.compile(r"^(sure|certainly|here (are|is)|of course|okay|ok)\b", re
 
 
 def parse_list(text: str) -> list[str]:
-    """Items of a numbered, bulleted or plain one-per-line list; chatter lines dropped."""
-    items: list[str] = []
+    """Items of a numbered, bulleted or plain one-per-line list; chatter lines dropped.
+
+    When some lines are numbered or bulleted, only those are items (the rest is chatter).
+    """
+    marked: list[str] = []
+    plain: list[str] = []
     for raw_line in text.splitlines():
-        line = _MARKER.sub("", raw_line).strip().strip("\"'`“”*").strip()
+        line = raw_line.replace("**", "").replace("__", "")
+        bucket = marked if _MARKER.match(line) else plain
+        line = _MARKER.sub("", line).strip().strip("\"'`“”*").strip()
         if not line or line.endswith(":") or _CHATTER.match(line):
             continue
-        items.append(line)
-    return items
+        bucket.append(line)
+    return marked or plain
 
 
 def _normalized(text: str) -> str:
