@@ -57,7 +57,7 @@ class LLMConfig(Section):
 class SamplingConfig(Section):
     temperatures: list[float] = Field(default_factory=lambda: [0.6], min_length=1)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(128, ge=1)
+    max_tokens: int = Field(96, ge=1)
     stop: list[str] = Field(default_factory=list)
 
     @field_validator("temperatures")
@@ -78,8 +78,8 @@ class MetaPromptConfig(Section):
 
 
 class ExpansionConfig(Section):
-    factor: int = Field(5, ge=1)
-    max_attempts: int = Field(30, ge=1)
+    factor: int = Field(3, ge=1)
+    max_attempts: int = Field(12, ge=1)
     iterations: int = Field(1, ge=1, le=10)
     protect_placeholders: bool = True
 
