@@ -128,6 +128,11 @@ class AssemblyConfig(Section):
     shuffle_options: bool = False
 
 
+class BudgetConfig(Section):
+    max_requests: int | None = Field(None, ge=1)
+    max_usd: float | None = Field(None, gt=0)
+
+
 class Config(Section):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -135,6 +140,7 @@ class Config(Section):
     expansion: ExpansionConfig = Field(default_factory=ExpansionConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: Exit code of a run that finished with failure rows (requests that exhausted their retries).
+EXIT_COMPLETED_WITH_FAILURES = 4
+#: Exit code of a run stopped by budget.max_requests / budget.max_usd (resumable).
+EXIT_BUDGET_REACHED = 5
+
 
 class InstraugError(Exception):
     """Base class: a problem the user can fix; its message says what and where."""

@@ -37,6 +37,7 @@ class ExpandResult:
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "up to date"
     llm: dict[str, Any] = field(default_factory=dict)
     failures: int = 0
+    stopped: str | None = None  # generation stopped early (budget); the run resumes from its cache
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,8 +75,13 @@ def expand(
             log(f"{name}: up to date")
             return
         log(f"{name}: running")
-        state.record(name, output, print_, run())
+        summary = run()
         result.stages[name] = "ran"
+        if result.stopped:  # a partial output is never recorded as up to date
+            result.stages[name] = "stopped"
+            state.forget(name)
+            return
+        state.record(name, output, print_, summary)
 
     # 1. templates
     stage(
@@ -142,8 +148,13 @@ def expand(
             metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(paths[META_PROMPTS])]
             chain = RuleChain(config.filters, _samples(directory, config, templates), originals=templates)
             summary = GenerationSummary()
-            rows = generate(templates, metas, seeds, config, llm(), chain.judge, summary)
+            rows = generate(templates, metas, seeds, config, llm(), chain.judge, summary, config.budget)
             write_jsonl(paths[GENERATIONS], rows)
+            if summary.stopped:
+                result.stopped = summary.stopped
+                log(
+                    f"generations: stopped early, {summary.stopped}; run again with a larger budget to resume"
+                )
             return {"requests": summary.requests, "skipped": summary.skipped}
 
         stage("generations", paths[GENERATIONS], gen_print, run_generate)
@@ -241,6 +252,7 @@ def build_report(
     }
     return {
         "stages": result.stages,
+        "stopped": result.stopped,
         "templates": dict(sorted(originals.items())),
         "funnel": _plain(funnel),
         "funnel_by_task": {task: _plain(entry) for task, entry in sorted(by_task.items())},
@@ -253,3 +265,53 @@ def build_report(
 
 def _plain(bucket: dict[str, Any]) -> dict[str, Any]:
     return {**bucket, "rejected_by": dict(sorted(bucket["rejected_by"].items()))}
+
+
+def estimate_run(
+    directory: Path, out: Path, config: Config, cache_path: Path | None = None
+) -> dict[str, Any]:
+    """The planned requests, tokens and cost of `expand`, without sending anything."""
+    from instraug.llm.base import derive_seed, get_backend
+    from instraug.llm.cache import ResponseCache, request_key
+    from instraug.records import MetaPrompt
+    from instraug.stages.s1_meta_prompts import load_seeds
+    from instraug.stages.s2_generate import estimate
+
+    source = directory / "instruction_templates.py"
+    if not source.is_file():
+        raise InputError("not a MultiInstruct directory: no instruction_templates.py", directory)
+    templates = [t.as_row() for t in import_templates(source)]
+    seeds = load_seeds(config.meta_prompts.directory)
+    if (out / META_PROMPTS).is_file():
+        metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(out / META_PROMPTS)]
+        meta_note = f"the {len(metas)} meta-prompts of {out / META_PROMPTS}"
+    else:
+        curated = [MetaPrompt(id="direct", text=seeds.direct, origin="direct")]
+        curated += [MetaPrompt(id=s.id, text=s.text, origin="curated") for s in seeds.strategies]
+        metas = curated[: config.meta_prompts.count]
+        meta_note = "the direct and curated meta-prompts (bootstrapped ones are not known yet)"
+    bootstrap = int(config.meta_prompts.bootstrap and config.meta_prompts.merge != "curated")
+    path = cache_path or (Path(config.llm.cache_path) if config.llm.cache_path else out / CACHE)
+    model = get_backend(config.llm.backend).resolve_model(config.llm)
+
+    def cached(requests: list[Any]) -> int:
+        if not path.is_file():
+            return 0
+        keys = [request_key(model, r, derive_seed(config.llm.seed, r.sample_index)) for r in requests]
+        with ResponseCache(path) as cache:
+            return len(cache.get_many(keys))
+
+    plan = estimate(templates, metas, seeds, config, cached)
+    cost = plan.cost(config)
+    return {
+        "model": model,
+        "templates_augmented": plan.templates,
+        "requests_min": plan.requests_min + bootstrap,
+        "requests_max": plan.requests_max + bootstrap,
+        "prompt_tokens_max": plan.prompt_tokens_max,
+        "completion_tokens_max": plan.completion_tokens_max,
+        "cost_max_usd": None if cost is None else round(cost, 4),
+        "first_round_cached": f"{plan.cached_first_round} of {plan.first_round}",
+        "meta_prompts": meta_note,
+        "budget": config.budget.model_dump(),
+    }

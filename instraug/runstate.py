@@ -53,8 +53,16 @@ class RunState:
         """What the stage reported when it last ran."""
         return dict(self.stages.get(stage, {}).get("summary") or {})
 
+    def forget(self, stage: str) -> None:
+        """Mark a stage as not up to date."""
+        if self.stages.pop(stage, None) is not None:
+            self._save()
+
     def record(self, stage: str, output: Path, print_: str, summary: dict[str, Any] | None = None) -> None:
         self.stages[stage] = {"inputs": print_, "output": file_digest(output), "summary": summary or {}}
+        self._save()
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.stages, indent=1, sort_keys=True))
         tmp.replace(self.path)

@@ -26,14 +26,24 @@ def expand(
     config: ConfigOption = None,
     cache: CacheOption = None,
     offline: OfflineOption = False,
+    estimate: Annotated[
+        bool, typer.Option("--estimate", help="Print the planned requests, tokens and cost; send nothing.")
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Run every stage (meta-prompts, generation, filters, assembly); redo only what changed."""
     from instraug.config import load_config
+    from instraug.errors import EXIT_BUDGET_REACHED, EXIT_COMPLETED_WITH_FAILURES
     from instraug.expand import expand as run_expand
-    from instraug.llm import EXIT_COMPLETED_WITH_FAILURES
 
     settings = load_config(config)
+    if estimate:
+        from instraug.expand import estimate_run
+
+        plan = estimate_run(directory, output, settings, cache)
+        for key, value in plan.items():
+            typer.echo(f"{key}: {value}")
+        return
     result = run_expand(
         directory,
         output,
@@ -53,5 +63,8 @@ def expand(
         info(f"  {task}: factor {entry['achieved_factor']} of {entry['target_factor']}{flag}", quiet)
     written = report["assembly"].get("written")
     info(f"{written} training instances -> {output / 'train.jsonl'}; report: {output / 'report.json'}", quiet)
+    if result.stopped:
+        info(f"stopped early: {result.stopped}; everything so far is kept, run again to resume", quiet)
+        raise typer.Exit(EXIT_BUDGET_REACHED)
     if result.failures:
         raise typer.Exit(EXIT_COMPLETED_WITH_FAILURES)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from instraug.errors import CacheMissError
+from instraug.errors import EXIT_COMPLETED_WITH_FAILURES, CacheMissError
 from instraug.llm import local, openai_backend  # noqa: F401 - registers the built-in backends
 from instraug.llm.base import BACKENDS, Backend, ChatRequest, Completion, RunStats, get_backend
 from instraug.llm.cache import ResponseCache
@@ -33,8 +33,6 @@ __all__ = [
     "open_llm",
 ]
 
-#: Exit code of a command that finished but has failure rows (requests that exhausted their retries).
-EXIT_COMPLETED_WITH_FAILURES = 4
 
 _DONE = object()
 

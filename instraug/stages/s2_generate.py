@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from instraug.config import Config
+from instraug.config import BudgetConfig, Config
 from instraug.placeholders import Masked, literal_text, mask_placeholders, placeholders_of
 from instraug.records import MetaPrompt
 from instraug.stages.s1_meta_prompts import Seeds, system_prompt
 
 if TYPE_CHECKING:
     from instraug.llm import LLMSession
+    from instraug.llm.base import ChatRequest, Completion
     from instraug.stages.s3_filter import Verdict
 
 #: judge(generation row) -> Verdict (the stage-3 RuleChain.judge): reasons, cleaned text, template, pool row
@@ -46,6 +47,7 @@ class GenerationSummary:
     kept: Counter[str] = field(default_factory=Counter)  # by root id
     roots: dict[str, str] = field(default_factory=dict)  # root id -> task
     skipped: dict[str, str] = field(default_factory=dict)  # template id -> why
+    stopped: str | None = None  # why generation stopped early (budget)
 
     def achieved_factor(self) -> dict[str, dict[str, float | int]]:
         """Per task: templates augmented, kept generations, kept per template."""
@@ -92,10 +94,9 @@ def generate(
     llm: LLMSession,
     judge: Judge,
     summary: GenerationSummary | None = None,
+    budget: BudgetConfig | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield generation rows in a deterministic order (round by round, template order within)."""
-    from instraug.llm.base import ChatRequest
-
     summary = summary if summary is not None else GenerationSummary()
     if not meta_prompts:
         raise ValueError("no meta-prompts")
@@ -132,27 +133,17 @@ def generate(
                     state.attempts += 1
                     summary.attempts[state.source.root_id] += 1
                     meta = meta_prompts[meta_i]
-                    masked = (
-                        mask_placeholders(state.source.template) if expansion.protect_placeholders else None
-                    )
-                    shown = masked.text if masked else state.source.template
-                    tokens = masked.tokens if masked else _distinct(placeholders_of(state.source.template))
-                    request = ChatRequest(
-                        messages=(("system", system_prompt(seeds, meta.text, tokens)), ("user", shown)),
-                        temperature=temperature,
-                        top_p=sampling.top_p,
-                        max_tokens=sampling.max_tokens,
-                        stop=tuple(sampling.stop),
-                        sample_index=sample,
-                        tag=len(batch),
+                    masked, request = build_request(
+                        state.source.template, meta, temperature, sample, seeds, config, tag=len(batch)
                     )
                     batch.append((state, meta, temperature, sample, masked, request))
             if not batch:
                 break
-            summary.requests += len(batch)
-            answers = {c.request.tag: c for c in llm.run([item[-1] for item in batch])}
+            answers = _answers(llm, [item[-1] for item in batch], budget, summary)
             for tag, (state, meta, temperature, sample, masked, _request) in enumerate(batch):
-                completion = answers[tag]
+                completion = answers.get(tag)
+                if completion is None:  # not sent: the budget ran out
+                    continue
                 source = state.source
                 row: dict[str, Any] = {
                     "template_id": source.instruction_id,
@@ -194,8 +185,132 @@ def generate(
                             iteration + 1,
                         )
                     )
+            if summary.stopped:
+                return
         sources = next_sources
+
+
+def build_request(
+    template: str,
+    meta: MetaPrompt,
+    temperature: float,
+    sample: int,
+    seeds: Seeds,
+    config: Config,
+    tag: Any = None,
+) -> tuple[Masked | None, ChatRequest]:
+    """The chat request rephrasing `template` under `meta` (placeholders masked unless disabled)."""
+    from instraug.llm.base import ChatRequest
+
+    sampling = config.sampling
+    masked = mask_placeholders(template) if config.expansion.protect_placeholders else None
+    shown = masked.text if masked else template
+    tokens = masked.tokens if masked else _distinct(placeholders_of(template))
+    request = ChatRequest(
+        messages=(("system", system_prompt(seeds, meta.text, tokens)), ("user", shown)),
+        temperature=temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        stop=tuple(sampling.stop),
+        sample_index=sample,
+        tag=tag,
+    )
+    return masked, request
+
+
+def _answers(
+    llm: LLMSession, requests: list[ChatRequest], budget: BudgetConfig | None, summary: GenerationSummary
+) -> dict[Any, Completion]:
+    """Send a round; with a budget, in slices, stopping before the budget is overspent."""
+    if budget is None or (budget.max_requests is None and budget.max_usd is None):
+        summary.requests += len(requests)
+        return {c.request.tag: c for c in llm.run(requests)}
+    answers: dict[Any, Completion] = {}
+    stats = llm.stats
+    pos = 0
+    while pos < len(requests):
+        if budget.max_requests is not None and stats.requests_sent >= budget.max_requests:
+            summary.stopped = f"budget.max_requests ({budget.max_requests}) reached"
+            break
+        if budget.max_usd is not None and (stats.cost or 0.0) >= budget.max_usd:
+            summary.stopped = f"budget.max_usd ({budget.max_usd}) reached"
+            break
+        room = len(requests) - pos
+        if budget.max_requests is not None:
+            room = min(room, budget.max_requests - stats.requests_sent)
+        if budget.max_usd is not None:
+            room = min(room, max(llm.backend.config.max_concurrency, 1))
+        chunk = requests[pos : pos + room]
+        pos += len(chunk)
+        summary.requests += len(chunk)
+        answers.update((c.request.tag, c) for c in llm.run(chunk))
+    return answers
 
 
 def _distinct(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+@dataclass
+class Estimate:
+    """What a generation plan will ask for, before anything is sent."""
+
+    templates: int = 0
+    requests_min: int = 0
+    requests_max: int = 0
+    prompt_tokens_max: int = 0
+    completion_tokens_max: int = 0
+    cached_first_round: int = 0
+    first_round: int = 0
+
+    def cost(self, config: Config) -> float | None:
+        """Upper bound of the cost, when prices are configured."""
+        llm = config.llm
+        if llm.price_per_1k_input is None and llm.price_per_1k_output is None:
+            return None
+        return self.prompt_tokens_max / 1000 * (
+            llm.price_per_1k_input or 0.0
+        ) + self.completion_tokens_max / 1000 * (llm.price_per_1k_output or 0.0)
+
+
+def estimate(
+    templates: Iterable[dict[str, Any]],
+    meta_prompts: list[MetaPrompt],
+    seeds: Seeds,
+    config: Config,
+    cached: Callable[[list[ChatRequest]], int] | None = None,
+) -> Estimate:
+    """Requests and tokens of the plan: at least `factor`, at most `max_attempts` per template and
+    iteration (each kept rephrasing of one iteration is an input of the next). Prompt tokens are
+    counted as characters / 4, completion tokens at `max_tokens`."""
+    expansion = config.expansion
+    out = Estimate()
+    first_round: list[ChatRequest] = []
+    chars = 0
+    for template in templates:
+        if augmentable(template["template"], template["task"], config.assembly.held_out_tasks):
+            continue
+        out.templates += 1
+        for attempt in range(expansion.max_attempts):
+            meta_i, temperature, sample = attempt_plan(
+                attempt, len(meta_prompts), config.sampling.temperatures
+            )
+            _masked, request = build_request(
+                template["template"], meta_prompts[meta_i], temperature, sample, seeds, config
+            )
+            chars += sum(len(text) for _role, text in request.messages)
+            if attempt < expansion.factor:
+                first_round.append(request)
+    inputs_min = inputs_max = out.templates
+    per_template_chars = chars / max(out.templates * expansion.max_attempts, 1)
+    for _iteration in range(expansion.iterations):
+        out.requests_min += inputs_min * expansion.factor
+        out.requests_max += inputs_max * expansion.max_attempts
+        inputs_min *= expansion.factor
+        inputs_max *= expansion.factor
+    out.prompt_tokens_max = round(out.requests_max * per_template_chars / 4)
+    out.completion_tokens_max = out.requests_max * config.sampling.max_tokens
+    out.first_round = len(first_round)
+    if cached is not None:
+        out.cached_first_round = cached(first_round)
+    return out
