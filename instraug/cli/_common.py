@@ -22,6 +22,9 @@ ConfigOption = Annotated[
     ),
 ]
 OutputOption = Annotated[str, typer.Option("--output", "-o", help="Output JSONL file, or - for stdout.")]
+InstancesOption = Annotated[
+    str, typer.Option("--instances", "-i", help="Instance JSONL, a MultiInstruct directory, or -.")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 

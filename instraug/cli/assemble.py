@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import ConfigOption, OutputOption, QuietOption, info, reports_errors
+from instraug.cli._common import (
+    ConfigOption,
+    OutputOption,
+    QuietOption,
+    info,
+    reports_errors,
+)
 
 
 @reports_errors
