@@ -9,9 +9,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import settings
 from typer.testing import CliRunner, Result
 
 from instraug.cli import app
+
+# No per-example deadline: a busy machine must not turn a slow example into a failure.
+settings.register_profile("instraug", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "instraug"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
