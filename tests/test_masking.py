@@ -1,0 +1,312 @@
+"""Masking placeholders for the LLM: {A}, {B}, ... go out, the exact placeholders come back.
+
+Templates are built from parts (literal text, placeholders in any accepted spelling), so each
+test knows independently what the masked text, the mapping and the restored template must be.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from instraug.placeholders import (
+    Masked,
+    Placeholder,
+    canonical,
+    escape_literal,
+    mask_placeholders,
+    parse_template,
+    restore_placeholders,
+)
+from instraug.stages.s3_filter import build_candidate
+
+
+def examples(n: int) -> settings:
+    """Hypothesis settings: n examples; building templates is slow on a busy machine, never an error."""
+    return settings(max_examples=n, suppress_health_check=[HealthCheck.too_slow])
+
+
+MASK_LIKE = re.compile(r"\{([A-Z]{1,2})\}")  # what the LLM is told to keep
+
+
+def mask_letters() -> Iterator[str]:
+    """A .. Z, then AA, AB, ... ZZ."""
+    upper = string.ascii_uppercase
+    yield from upper
+    for first, second in itertools.product(upper, upper):
+        yield first + second
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+
+SHOWN = st.one_of(st.sampled_from(["A", "B", "C", "AA", "AB"]), st.from_regex(r"[A-Z]{1,2}", fullmatch=True))
+#: Literal text rich in braces and in things that look like mask tokens ({A}, {AB}).
+LITERAL = st.lists(
+    st.one_of(
+        st.text(st.sampled_from("abc XYZ.,;:!?\"'|\n\té中"), max_size=8),
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=4),
+        st.sampled_from(["{", "}", "{{", "}}", "{ A }", "{a}", "{ABC}"]),
+        SHOWN.map(lambda letters: "{" + letters + "}"),
+        SHOWN.map(lambda letters: "{{" + letters + "}}"),
+    ),
+    max_size=3,
+).map("".join)
+
+NAMES = st.one_of(
+    st.sampled_from(["question", "options", "meta_data", "region", "text", "A", "B", "AA", "x1"]),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True),
+)
+SEPARATORS = st.one_of(st.sampled_from(["||||", ", ", "\n", '"', "{}", "\\"]), st.text(max_size=4))
+PLACEHOLDERS = st.builds(
+    Placeholder,
+    NAMES,
+    st.lists(st.one_of(NAMES, st.integers(-3, 3)), max_size=2).map(tuple),
+    st.lists(SEPARATORS, max_size=2).map(tuple),
+)
+
+
+@st.composite
+def spelling(draw: st.DrawFn, placeholder: Placeholder) -> str:
+    """One accepted source spelling of a placeholder (not necessarily the canonical one)."""
+    out = [draw(st.sampled_from(["", " ", "  "])), placeholder.root]
+    for step in placeholder.steps:
+        out.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    for sep in placeholder.joins:
+        quoted = json.dumps(sep, ensure_ascii=draw(st.booleans()))
+        quoted = quoted.replace("{", "\\u007b").replace("}", "\\u007d")
+        pad = draw(st.sampled_from(["", " "]))
+        out.append(f"|{pad}join({pad}{quoted}{pad})")
+    out.append(draw(st.sampled_from(["", " "])))
+    return "{" + "".join(out) + "}"
+
+
+@dataclass
+class Built:
+    """A template source and what it is made of (adjacent literals merged, as the parser sees them)."""
+
+    source: str
+    parts: list[str | Placeholder]
+
+    @property
+    def placeholders(self) -> list[Placeholder]:
+        return [p for p in self.parts if isinstance(p, Placeholder)]
+
+    @property
+    def literals(self) -> list[str]:
+        return [p for p in self.parts if isinstance(p, str)]
+
+    @property
+    def canonical(self) -> str:
+        return "".join(escape_literal(p) if isinstance(p, str) else str(p) for p in self.parts)
+
+    @property
+    def shown_letters(self) -> set[str]:
+        """Mask-like tokens the literal text shows once its braces are unescaped."""
+        return {m for literal in self.literals for m in MASK_LIKE.findall(literal)}
+
+
+@st.composite
+def templates(draw: st.DrawFn, min_distinct: int = 0, max_distinct: int = 4) -> Built:
+    """Literal text and placeholders, interleaved; placeholders repeat, in varied spellings."""
+    distinct = draw(st.lists(PLACEHOLDERS, min_size=min_distinct, max_size=max_distinct, unique_by=str))
+    uses = draw(st.lists(st.sampled_from(distinct), max_size=4)) if distinct else []
+    uses = distinct + uses
+    order = draw(st.permutations(uses))
+    source: list[str] = []
+    parts: list[str | Placeholder] = []
+    many = len(order) > 8  # long templates: literal text now and then, to stay quick
+    for i in range(len(order) + 1):
+        literal = draw(LITERAL) if not many or i % 7 == 0 else " "
+        source.append(escape_literal(literal))
+        if literal:
+            if parts and isinstance(parts[-1], str):
+                parts[-1] += literal
+            else:
+                parts.append(literal)
+        if i < len(order):
+            source.append(draw(spelling(order[i])))
+            parts.append(order[i])
+    return Built("".join(source), parts)
+
+
+def expected_letters(built: Built) -> list[str]:
+    """The mask letters, in order: the first letters the literal text does not show."""
+    distinct = list(dict.fromkeys(str(p) for p in built.placeholders))
+    free = (letter for letter in mask_letters() if letter not in built.shown_letters)
+    return list(itertools.islice(free, len(distinct)))
+
+
+# --------------------------------------------------------------------------------------------
+# The round trip
+
+
+@given(templates())
+@examples(100)
+def test_restoring_the_masked_text_gives_the_canonical_template(built: Built) -> None:
+    assert parse_template(built.source) == built.parts  # the strategy built what it meant to
+    masked = mask_placeholders(built.source)
+    restored, unknown = restore_placeholders(masked.text, masked)
+    assert restored == canonical(built.source) == built.canonical
+    assert unknown == []
+
+
+# --------------------------------------------------------------------------------------------
+# The mapping
+
+
+@given(templates())
+@examples(100)
+def test_mapping_is_a_bijection_in_order_of_first_appearance(built: Built) -> None:
+    masked = mask_placeholders(built.source)
+    first_seen = list(dict.fromkeys(str(p) for p in built.placeholders))
+    assert list(masked.mapping.values()) == first_seen  # one letter per distinct placeholder
+    assert list(masked.mapping) == expected_letters(built)  # A, B, C ... skipping shown letters
+    assert not built.shown_letters & set(masked.mapping)  # a shown {X} is never a mask
+    letter_of = {source: letter for letter, source in masked.mapping.items()}
+    expected = "".join(p if isinstance(p, str) else "{" + letter_of[str(p)] + "}" for p in built.parts)
+    assert masked.text == expected  # literal text as is, each placeholder as its letter
+    assert masked.tokens == ["{" + letter + "}" for letter in masked.mapping]
+
+
+@given(templates())
+@examples(60)
+def test_repeated_placeholders_share_one_letter_and_all_come_back(built: Built) -> None:
+    masked = mask_placeholders(built.source)
+    uses = Counter(str(p) for p in built.placeholders)
+    shown = Counter(MASK_LIKE.findall(masked.text))
+    for letter, source in masked.mapping.items():
+        assert shown[letter] == uses[source]  # every repeat is masked, none is lost
+    restored, _ = restore_placeholders(masked.text, masked)
+    assert Counter(str(p) for p in parse_template(restored) if isinstance(p, Placeholder)) == uses
+
+
+def test_repeats_are_not_lost() -> None:
+    """The official InstrAug code masks by a dict from token to placeholder and drops repeats."""
+    masked = mask_placeholders('Is {q} the same as {q}? Compare {options|join(", ")} with {q}.')
+    assert masked.text == "Is {A} the same as {A}? Compare {B} with {A}."
+    assert masked.mapping == {"A": "{q}", "B": '{options|join(", ")}'}
+    restored, unknown = restore_placeholders("Compare {B} and {A}; is {A} like {A}?", masked)
+    assert restored == 'Compare {options|join(", ")} and {q}; is {q} like {q}?'
+    assert unknown == []
+
+
+def test_spellings_of_one_placeholder_share_a_letter() -> None:
+    masked = mask_placeholders('{ q } then {q} then {options| join( "||||" )} and {options|join("||||")}')
+    assert masked.text == "{A} then {A} then {B} and {B}"
+    assert masked.mapping == {"A": "{q}", "B": '{options|join("||||")}'}
+
+
+def test_literal_mask_like_tokens_stay_literal() -> None:
+    masked = mask_placeholders("Fill {{A}} and {{C}} with {question} and {answer}.")
+    assert masked.text == "Fill {A} and {C} with {B} and {D}."
+    assert masked.mapping == {"B": "{question}", "D": "{answer}"}
+    restored, unknown = restore_placeholders("With {B} and {D}, fill {C} and {A}.", masked)
+    assert restored == "With {question} and {answer}, fill {{C}} and {{A}}."
+    assert unknown == []
+
+
+# --------------------------------------------------------------------------------------------
+# LLM answers
+
+
+@st.composite
+def reordered_answer(draw: st.DrawFn, masked: Masked, shown: set[str]) -> tuple[str, str]:
+    """An answer using the mask letters (and literal-shown letters) in any order, any number of
+    times; and the template it must restore to."""
+    letters = sorted(masked.mapping) + sorted(shown)
+    used = draw(st.lists(st.sampled_from(letters), max_size=8)) if letters else []
+    chunk = st.text(st.sampled_from("abc ,.?!{}é\n"), max_size=6).filter(lambda t: not MASK_LIKE.search(t))
+    answer: list[str] = []
+    expected: list[str] = []
+    for letter in [*used, None]:
+        text = draw(chunk)
+        answer.append(text)
+        expected.append(escape_literal(text))
+        if letter is not None:
+            answer.append("{" + letter + "}")
+            expected.append(masked.mapping.get(letter) or escape_literal("{" + letter + "}"))
+    return "".join(answer), "".join(expected)
+
+
+@given(templates(), st.data())
+@examples(60)
+def test_reordered_tokens_restore_to_reordered_placeholders(built: Built, data: st.DataObject) -> None:
+    masked = mask_placeholders(built.source)
+    answer, expected = data.draw(reordered_answer(masked, built.shown_letters))
+    restored, unknown = restore_placeholders(answer, masked)
+    assert restored == expected
+    assert unknown == []
+
+
+@given(templates(), st.data())
+@examples(40)
+def test_an_invented_token_is_reported_unknown(built: Built, data: st.DataObject) -> None:
+    masked = mask_placeholders(built.source)
+    unused = [x for x in mask_letters() if x not in masked.mapping and x not in built.shown_letters]
+    invented = "{" + data.draw(st.sampled_from(unused[:40])) + "}"
+    answer = f"{masked.text} and also {invented}"
+    restored, unknown = restore_placeholders(answer, masked)
+    assert unknown == [invented]
+    assert restored == built.canonical + " and also " + escape_literal(invented)
+
+
+def test_z_is_unknown_for_a_two_placeholder_template() -> None:
+    masked = mask_placeholders('Answer {question} using {options|join(", ")}.')
+    restored, unknown = restore_placeholders("Use {B} to answer {A}; see {Z}.", masked)
+    assert unknown == ["{Z}"]
+    assert restored == 'Use {options|join(", ")} to answer {question}; see {{Z}}.'
+
+
+# --------------------------------------------------------------------------------------------
+# More than 26 placeholders
+
+
+def test_more_than_26_placeholders_use_two_letters() -> None:
+    names = [f"f{i}" for i in range(30)]
+    template = " ".join("{" + n + "}" for n in names) + " and again {f27} {f0}"
+    masked = mask_placeholders(template)
+    assert list(masked.mapping) == [*string.ascii_uppercase, "AA", "AB", "AC", "AD"]
+    assert masked.mapping["AB"] == "{f27}"
+    assert masked.text.endswith("and again {AB} {A}")
+    assert restore_placeholders(masked.text, masked) == (template, [])
+
+
+def test_two_letter_tokens_shown_by_the_literal_text_are_skipped() -> None:
+    names = [f"f{i}" for i in range(28)]
+    template = "Keep {{AA}}: " + " ".join("{" + n + "}" for n in names)
+    masked = mask_placeholders(template)
+    assert list(masked.mapping)[25:] == ["Z", "AB", "AC"]
+    assert masked.text.startswith("Keep {AA}: {A} {B}")
+    assert restore_placeholders(masked.text, masked) == (template, [])
+
+
+@given(templates(min_distinct=27, max_distinct=60))
+@examples(8)
+def test_many_placeholders_round_trip(built: Built) -> None:
+    masked = mask_placeholders(built.source)
+    assert list(masked.mapping) == expected_letters(built)
+    assert restore_placeholders(masked.text, masked) == (built.canonical, [])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="stage 3's tolerance for doubled mask braces ({{A}} -> {A}) also eats literal braces "
+    "that the template itself puts around a placeholder",
+)
+def test_literal_braces_around_a_placeholder_survive_the_candidate_builder() -> None:
+    template = "Fill in the set {{{question}}} and nothing else."
+    masked = mask_placeholders(template)
+    assert masked.text == "Fill in the set {{A}} and nothing else."
+    answer = "Please fill in the set {{A}} and nothing else."  # the LLM kept every brace
+    _cleaned, candidate, reasons = build_candidate(answer, template, masked.text, masked.mapping)
+    assert (candidate, reasons) == ("Please fill in the set {{{question}}} and nothing else.", [])
