@@ -10,10 +10,12 @@ from instraug.cli import (
     cache,
     config_check,
     expand,
+    export,
     generate,
     import_templates,
     meta_prompts,
     render,
+    report,
     serve,
 )
 from instraug.cli import filter as filter_cli
@@ -53,6 +55,8 @@ app.command("render")(render.render)
 app.add_typer(config_check.app, name="config")
 app.command("serve")(serve.serve)
 app.add_typer(cache.app, name="cache")
+app.command("report")(report.report)
+app.command("export")(export.export)
 
 
 def main() -> None:
