@@ -69,16 +69,24 @@ def expand(
     inputs = [file_digest(f) for f in instance_files(directory, split)]
     paths = {name: out / name for name in (TEMPLATES, META_PROMPTS, GENERATIONS, INSTRUCTIONS, TRAIN)}
 
+    session: list[LLMSession] = []  # opened on first use: up-to-date stages never start the model
+
+    def failures() -> int:
+        return session[0].stats.failures if session else 0
+
     def stage(name: str, output: Path, print_: str, run: Callable[[], dict[str, Any] | None]) -> None:
         if state.fresh(name, output, print_):
             result.stages[name] = "up to date"
             log(f"{name}: up to date")
             return
         log(f"{name}: running")
+        failures_before = failures()
         summary = run()
         result.stages[name] = "ran"
-        if result.stopped:  # a partial output is never recorded as up to date
-            result.stages[name] = "stopped"
+        # a partial output (budget stop, failed requests) is never recorded as up to date,
+        # so the next run sends what is missing (answers so far come from the cache)
+        if result.stopped or failures() > failures_before:
+            result.stages[name] = "stopped" if result.stopped else "incomplete"
             state.forget(name)
             return
         state.record(name, output, print_, summary)
@@ -93,7 +101,6 @@ def expand(
     templates = [row for _line, row in read_jsonl(paths[TEMPLATES])]
 
     with contextlib.ExitStack() as stack:
-        session: list[LLMSession] = []
 
         def llm() -> LLMSession:
             if not session:

@@ -312,11 +312,6 @@ def test_offline_without_the_answers_is_an_error(first: FirstRun, tmp_path: Path
     assert result.stderr.startswith("Error: offline: a request is not in ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="expand records the generations stage as up to date even when requests failed, "
-    "so a re-run never retries them",
-)
 def test_a_rerun_retries_the_requests_that_failed(tmp_path: Path) -> None:
     failing = {"on": True}
 
