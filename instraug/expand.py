@@ -218,6 +218,9 @@ def expand(
     assembly_summary = state.summary("train")
     result.report = build_report(out, config, result, assembly_summary, time.perf_counter() - started)
     (out / REPORT).write_bytes(orjson.dumps(result.report, option=orjson.OPT_INDENT_2))
+    from instraug.report import write_report
+
+    write_report(out)
     return result
 
 

@@ -472,7 +472,7 @@ def draw_plots(facts: RunFacts, folder: Path) -> dict[str, str]:
         left = [0] * len(tasks)
         for i, (label, values) in enumerate(segments):
             if any(values):
-                ax.barh(tasks, values, left=left, label=label, color=_PALETTE[i])
+                ax.barh(tasks, values, left=left, label=label, color=_PALETTE[i % len(_PALETTE)])
                 left = [a + b for a, b in zip(left, values, strict=True)]
         ax.invert_yaxis()
         ax.set_title("Filter funnel per task")

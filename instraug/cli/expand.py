@@ -62,7 +62,7 @@ def expand(
         flag = "  (short)" if entry["short"] else ""
         info(f"  {task}: factor {entry['achieved_factor']} of {entry['target_factor']}{flag}", quiet)
     written = report["assembly"].get("written")
-    info(f"{written} training instances -> {output / 'train.jsonl'}; report: {output / 'report.json'}", quiet)
+    info(f"{written} training instances -> {output / 'train.jsonl'}; report: {output / 'report.md'}", quiet)
     if result.stopped:
         info(f"stopped early: {result.stopped}; everything so far is kept, run again to resume", quiet)
         raise typer.Exit(EXIT_BUDGET_REACHED)
