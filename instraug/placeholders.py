@@ -166,12 +166,12 @@ def canonical(template: str) -> str:
 class CompiledTemplate:
     """A template ready to render many times: constants folded, each placeholder a lookup function."""
 
-    __slots__ = ("source", "fields", "_format", "_resolvers")
+    __slots__ = ("source", "fields", "render")
 
     def __init__(self, source: str, constants: Mapping[str, str] | None = None):
         self.source = source
         consts = constants or {}
-        pieces: list[str] = []
+        texts: list[str] = [""]  # literal text before, between and after the placeholders
         fields: list[Placeholder] = []
         for part in parse_template(source):
             if isinstance(part, Placeholder) and part.root in consts:
@@ -179,22 +179,50 @@ class CompiledTemplate:
                     raise TemplateError(f"{part}: {part.root} is a constant; it cannot be indexed or joined")
                 part = part.resolve(consts)
             if isinstance(part, str):
-                pieces.append(part.replace("{", "{{").replace("}", "}}"))
+                texts[-1] += part
             else:
                 fields.append(part)
-                pieces.append("{}")
+                texts.append("")
         self.fields = tuple(fields)
-        # A positional-only format string built here from escaped literals: no names, no lookups.
-        self._format = "".join(pieces).format
-        self._resolvers = tuple(_resolver(p) for p in fields)
+        self.render: Callable[[Mapping[str, Any]], str] = _renderer(texts, [_resolver(p) for p in fields])
 
     @property
     def roots(self) -> frozenset[str]:
         """The field names this template reads."""
         return frozenset(p.root for p in self.fields)
 
-    def render(self, fields: Mapping[str, Any]) -> str:
-        return self._format(*[resolve(fields) for resolve in self._resolvers])
+
+def _renderer(
+    texts: list[str], resolvers: list[Callable[[Mapping[str, Any]], str]]
+) -> Callable[[Mapping[str, Any]], str]:
+    """A closure concatenating literals and looked-up values; fixed shapes for the common sizes
+    (MultiInstruct templates have at most a handful of placeholders), a join for the rest."""
+    if not resolvers:
+        text = texts[0]
+        return lambda _fields: text
+    if len(resolvers) == 1:
+        t0, t1 = texts
+        (r0,) = resolvers
+        return lambda f: t0 + r0(f) + t1
+    if len(resolvers) == 2:
+        t0, t1, t2 = texts
+        r0, r1 = resolvers
+        return lambda f: t0 + r0(f) + t1 + r1(f) + t2
+    if len(resolvers) == 3:
+        t0, t1, t2, t3 = texts
+        r0, r1, r2 = resolvers
+        return lambda f: t0 + r0(f) + t1 + r1(f) + t2 + r2(f) + t3
+    pairs = list(zip(resolvers, texts[1:], strict=True))
+    head = texts[0]
+
+    def render(fields: Mapping[str, Any]) -> str:
+        out = [head]
+        for resolve, text in pairs:
+            out.append(resolve(fields))
+            out.append(text)
+        return "".join(out)
+
+    return render
 
 
 def _resolver(placeholder: Placeholder) -> Callable[[Mapping[str, Any]], str]:
