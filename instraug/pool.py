@@ -16,10 +16,17 @@ from instraug.placeholders import CompiledTemplate
 from instraug.records import Instruction
 
 
-@dataclass
 class PoolEntry:
-    row: Instruction
-    compiled: CompiledTemplate
+    """A pool row with its template compiled (and its ids at hand for the hot loop)."""
+
+    __slots__ = ("row", "compiled", "render", "instruction_id", "origin")
+
+    def __init__(self, row: Instruction, compiled: CompiledTemplate):
+        self.row = row
+        self.compiled = compiled
+        self.render = compiled.render
+        self.instruction_id = row.instruction_id
+        self.origin = row.origin
 
 
 @dataclass

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from instraug.errors import InputError
-from instraug.multiinstruct import render_fields
+from instraug.multiinstruct import derived_names, render_fields
 from instraug.placeholders import RenderError
-from instraug.pool import InstructionPool, PoolEntry
+from instraug.pool import InstructionPool
 
 InstanceRow = tuple[str, int, str, dict[str, Any]]
 
@@ -44,50 +44,64 @@ def assemble(
 ) -> Iterator[dict[str, Any]]:
     """Yield one training row per instance of a kept task, its instruction drawn from the pool."""
     rng = random.Random(seed)
+    random_ = rng.random
     skip = frozenset(held_out)
     summary = summary if summary is not None else AssemblySummary()
-    by_origin, by_task = summary.by_origin, summary.by_task
-    for name, line, task, instance in instances:
-        if task in skip:
-            summary.held_out[task] += 1
-            continue
-        # the instance dict is this row's own (read fresh from its line), so it becomes the output row
-        if shuffle_options and isinstance(instance.get("options"), list):
-            options = list(instance["options"])
-            rng.shuffle(options)
-            instance["options"] = options
-        try:
-            fields = render_fields(task, instance, rng, pool.needs.get(task))
-            entry = _draw(pool, task, fields, rng, epsilon)
-            if entry is None:
-                raise InputError(f"task {task!r} has no templates in the pool", name, line)
-            instance["prompt"] = entry.compiled.render(fields)
-        except RenderError as exc:
-            raise InputError(f"task {task}: {exc}", name, line) from None
-        if "target" not in instance:
-            if "target_txt" not in instance:
-                raise InputError("missing field 'target_txt' (the training target)", name, line)
-            instance["target"] = instance["target_txt"]
-        origin = entry.row.origin
-        instance["instruction_id"] = entry.row.instruction_id
-        instance["instruction_origin"] = origin
-        summary.written += 1
-        by_origin[origin] += 1
-        by_task[task] += 1
-        yield instance
+    plans: dict[str, _TaskPlan] = {}
+    counts: dict[tuple[str, str], int] = {}  # (task, origin) -> rows
+    try:
+        for name, line, task, instance in instances:
+            plan = plans.get(task)
+            if plan is None:
+                plan = plans[task] = _TaskPlan(pool, task, task in skip)
+            if plan.held_out:
+                summary.held_out[task] += 1
+                continue
+            # the instance dict is this row's own (read fresh from its line): it becomes the output row
+            if shuffle_options and isinstance(instance.get("options"), list):
+                options = list(instance["options"])
+                rng.shuffle(options)
+                instance["options"] = options
+            try:
+                fields = render_fields(task, instance, rng, plan.needs) if plan.derives else instance
+                template_set = plan.template_set or pool.sets_for(task, fields)
+                if template_set is None:
+                    raise InputError(f"task {task!r} has no templates in the pool", name, line)
+                original, generated = template_set.original, template_set.generated
+                # int(random() * n) rather than randrange(n): the same uniform draw, far cheaper
+                choices = original if (random_() < epsilon and original) or not generated else generated
+                entry = choices[int(random_() * len(choices))]
+                instance["prompt"] = entry.render(fields)
+            except RenderError as exc:
+                raise InputError(f"task {task}: {exc}", name, line) from None
+            if "target" not in instance:
+                if "target_txt" not in instance:
+                    raise InputError("missing field 'target_txt' (the training target)", name, line)
+                instance["target"] = instance["target_txt"]
+            instance["instruction_id"] = entry.instruction_id
+            instance["instruction_origin"] = entry.origin
+            key = (task, entry.origin)
+            counts[key] = counts.get(key, 0) + 1
+            yield instance
+    finally:
+        for (task, origin), n in counts.items():
+            summary.written += n
+            summary.by_origin[origin] += n
+            summary.by_task[task] += n
 
 
-def _draw(
-    pool: InstructionPool, task: str, fields: dict[str, Any], rng: random.Random, epsilon: float
-) -> PoolEntry | None:
-    template_set = pool.sets_for(task, fields)
-    if template_set is None:
-        return None
-    original, generated = template_set.original, template_set.generated
-    use_original = rng.random() < epsilon
-    choices = original if (use_original and original) or not generated else generated
-    # int(random() * n) rather than randrange(n): same uniform draw for small n, 3x cheaper
-    return choices[int(rng.random() * len(choices))] if choices else None
+class _TaskPlan:
+    """What assembly needs to know about a task, worked out once."""
+
+    __slots__ = ("held_out", "needs", "derives", "template_set")
+
+    def __init__(self, pool: InstructionPool, task: str, held_out: bool):
+        self.held_out = held_out
+        self.needs = pool.needs.get(task, frozenset())
+        sets = pool.tasks.get(task, {})
+        # one set without a variant condition: no per-instance choice to make
+        self.template_set = sets[None] if list(sets) == [None] else None
+        self.derives = bool(self.template_set is None or self.needs & derived_names(task))
 
 
 def render_all(
@@ -105,8 +119,8 @@ def render_all(
                 yield {
                     "unique_id": instance.get("unique_id"),
                     "task": task,
-                    "template_id": entry.row.instruction_id,
-                    "prompt": entry.compiled.render(fields),
+                    "template_id": entry.instruction_id,
+                    "prompt": entry.render(fields),
                 }
         except RenderError as exc:
             raise InputError(f"task {task}: {exc}", name, line) from None
