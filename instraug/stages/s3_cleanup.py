@@ -90,7 +90,10 @@ def clean_response(raw: str, shown: str | None = None) -> str:
         return ""
     best = max(enumerate(items), key=lambda item: (sum(t in item[1] for t in tokens), -item[0]))[1]
     starts_quoted = (shown or "").lstrip()[:1] in _QUOTES
-    return _clean_item(best, starts_quoted)
+    cleaned = _clean_item(best, starts_quoted)
+    if not (shown or "").rstrip().endswith(":"):
+        cleaned = _drop_trailing_lead_in(cleaned)
+    return cleaned
 
 
 def _strip_prefixes(text: str) -> str:
@@ -200,6 +203,17 @@ def _unquote(text: str, starts_quoted: bool) -> str:
     return text
 
 
+def _drop_trailing_lead_in(text: str) -> str:
+    """A last sentence that announces a rewrite and ends in a colon ("So this instruction will be:")
+    introduces text that is not there; it goes (a lone sentence stays, for the rules to judge)."""
+    if not text.endswith(":"):
+        return text
+    pieces = _PIECES.split(text)
+    if len(pieces) < 3 or not _ABOUT_REWRITE.search(pieces[-1]):
+        return text
+    return "".join(pieces[:-2]).strip()
+
+
 def _drop_chatter_sentences(text: str) -> str:
     """Leading "Sure, I can help." and trailing "This version is shorter." sentences go."""
     pieces = _PIECES.split(text)  # sentence, separator, sentence, ...
@@ -245,7 +259,7 @@ _SOFT_ANYWHERE = {name: re.compile(r"\b" + pattern) for name, pattern in _SOFT_O
 
 #: Verbs an instruction starts a clause with ("Describe ...", "Given X, select ...").
 VERBS = frozenset(
-    """answer analyze analyse assess caption categorize check choose classify compare complete
+    """answer analyze analyse assess caption categorize check choose classify come compare complete
     compose consider count create decide define describe detect determine discover distinguish
     draw estimate evaluate examine explain express extract figure fill find focus generate give
     guess highlight identify imagine indicate infer inspect interpret judge label list localize
@@ -271,11 +285,14 @@ _SECOND_PERSON = re.compile(
     r"|\b(?:tell|show|give|help) me\b"
 )
 _TASK_WORDS = re.compile(
-    r"\b(?:this|the|your|in this) (?:task|goal|objective|job|aim)\b|\bplease\b|\bkindly\b"
+    # "The task is {p}" only names the task ("The task is {p} and the steps are {p}." lost its question)
+    r"\b(?:this|the|your|in this) (?:task|goal|objective|job|aim)\b(?! (?:is|was) \{p\})"
+    r"|\bplease\b|\bkindly\b"
 )
 _INFINITIVE = re.compile(r"\bto ([a-z]+)")
 _DANGLING = re.compile(r"(?:\b(?:is|are|was|were|be|of|as|by|for|to|with|from|about)|[:,])$")
 _EDGE = " \t\n\"'“”‘’`()[]-"
+_OPTIONS_BLOCK = re.compile(r"\[options\]:(?:[^\S\n]*\{p\})*$")
 
 
 def instruction_cue(text: str) -> bool:
@@ -288,13 +305,26 @@ def instruction_cue(text: str) -> bool:
     if any(m.group(1) in VERBS for m in _INFINITIVE.finditer(low)):
         return True
     plain = low.replace("{p}", " ")
-    if _DANGLING.search(low.replace("{p}", "").rstrip(_EDGE + ".…")):
-        return True  # a prompt to complete: "The object in {P} is", "Based on the image, {P}"
+    if _prompt_to_complete(low):
+        return True
     for sentence in _SENTENCES.split(plain):
         words = _WORD.findall(sentence)
         if words and words[0] in _QUESTION_WORDS:
             return True
     return any(_starts_with_verb(clause) for clause in _CLAUSES.split(plain))
+
+
+def _prompt_to_complete(low: str) -> bool:
+    """Ends where the reader is to go on: "The object in {p} is", "Based on the image, {p}",
+    "Region: {p}". A copula or preposition right before final placeholders states a fact
+    ("The answer is {p}", "The current step is {p}"): the placeholder completes it. A final
+    options block ("[Options]: {p}") is set aside first."""
+    text = _OPTIONS_BLOCK.sub("", low.rstrip(_EDGE + ".…")).rstrip(_EDGE + ".…")
+    if not text.endswith("{p}"):
+        return bool(_DANGLING.search(text))
+    while text.endswith("{p}"):
+        text = text[:-3].rstrip(_EDGE)
+    return text.endswith((":", ","))
 
 
 def _starts_with_verb(clause: str) -> bool:

@@ -2,7 +2,8 @@
 
 A generation row (stage 2) becomes a candidate template: its reply is cleaned of chat, then its
 mask tokens are restored (or, with protection off, it is parsed as a template). Every rule runs
-and a rejected row keeps the full list of its reason codes. `RuleChain` judges rows one at a
+and a rejected row keeps the full list of its reason codes. The meaning rules (similarity to the
+root, near-duplicates among kept rewrites) live in s3_semantic. `RuleChain` judges rows one at a
 time, so the stage-2 scheduler can stop once a template has enough kept rewrites;
 `filter_generations` streams a whole file of rows through it.
 """
@@ -19,8 +20,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,6 +43,10 @@ from instraug.placeholders import (
 from instraug.pool import _validated as validated_rows  # the pool's own row validation
 from instraug.records import Instruction
 from instraug.stages.s3_cleanup import answer_like, clean_response
+from instraug.stages.s3_semantic import SemanticRules, constant_text
+
+if TYPE_CHECKING:
+    from instraug.embeddings import Embedder
 
 #: Every reason code, in the order the funnel reports them.
 REASONS: tuple[str, ...] = (
@@ -55,6 +61,9 @@ REASONS: tuple[str, ...] = (
     "banned_pattern",  # a filters.banned_patterns regex matches
     "answer_like",  # an answer, a description or assistant talk instead of an instruction
     "render_fails",  # does not render on a sample instance of its task
+    "semantic_drift",  # embedding similarity to the root below filters.semantic.min_similarity
+    "near_copy",  # embedding similarity to the root at or above filters.semantic.max_similarity
+    "near_duplicate",  # too close to an earlier kept rewrite of the same root (filters.near_duplicate)
 )
 _ORDER = {reason: i for i, reason in enumerate(REASONS)}
 _WORDS = re.compile(r"\w+(?:['’]\w+)*")
@@ -151,7 +160,7 @@ class FilterSummary:
 class _Shape:
     """What the rules need to know about a template, computed once per distinct text."""
 
-    display: str  # literal text, each placeholder shown as {P}
+    display: str  # literal text, a constant as its value ("\n\n[Options]:"), any other placeholder as {P}
     words: int
     placeholders: tuple[str, ...]  # sorted, repeats kept
     key: str  # normalized for `identical`
@@ -161,7 +170,7 @@ class _Shape:
 def _shape(template: str) -> _Shape:
     parts = parse_template(template)
     literal = "".join(p for p in parts if isinstance(p, str))
-    display = "".join(p if isinstance(p, str) else "{P}" for p in parts)
+    display = "".join(p if isinstance(p, str) else constant_text(p) or "{P}" for p in parts)
     found = sorted(str(p) for p in parts if isinstance(p, Placeholder))
     return _Shape(display, len(_WORDS.findall(literal)), tuple(found), _normalized(parts))
 
@@ -216,9 +225,11 @@ def _stray_braces(text: str) -> int:
 class RuleChain:
     """Judges generation rows one at a time and remembers what it kept.
 
-    State: the normalized text of every kept rewrite per root (for `identical`), the requests
-    already judged, and kept counts per input template (`kept_count`) for the scheduler. The
-    same rows in the same order always get the same verdicts.
+    State: the normalized text of every kept rewrite per root (for `identical`, and its n-grams
+    or embedding for `near_duplicate`), the requests already judged, and kept counts per input
+    template (`kept_count`) for the scheduler. The same rows in the same order always get the
+    same verdicts. With embeddings in use (filters.semantic.enabled, or near_duplicate.method:
+    embedding) the chain holds an `Embedder`; `close()` releases it.
     """
 
     def __init__(
@@ -227,10 +238,20 @@ class RuleChain:
         samples: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]] | None = None,
         *,
         originals: Iterable[Instruction | Mapping[str, Any]] = (),
+        embedder: Embedder | None = None,
     ) -> None:
         """`samples`: task -> an instance or a list of instances for `render_fails` (None: no check);
-        `originals`: pool rows (records or dicts) a rewrite must not repeat within their task."""
+        `originals`: pool rows (records or dicts) a rewrite must not repeat within their task;
+        `embedder`: for the embedding rules (default: opened from filters.semantic when needed)."""
         self.config = config or FilterConfig()
+        self._owns_embedder = False
+        if embedder is None and SemanticRules.needs_embedder(self.config):
+            from instraug.embeddings import open_embedder
+
+            embedder = open_embedder(self.config.semantic)
+            self._owns_embedder = True
+        self.embedder = embedder if SemanticRules.needs_embedder(self.config) else None
+        self._semantic = SemanticRules(self.config, self.embedder)
         self.samples: dict[str, list[Mapping[str, Any]]] | None = None
         if samples is not None:
             self.samples = {
@@ -255,6 +276,43 @@ class RuleChain:
         self._requests: set[str] = set()
         self._fields: dict[tuple[str, str | None, str], dict[str, Any] | None] = {}
 
+    def close(self) -> None:
+        """Close the embedder the chain opened itself."""
+        if self._owns_embedder and self.embedder is not None:
+            self.embedder.close()
+            self._owns_embedder = False
+
+    def __enter__(self) -> RuleChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def prefetch(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Embed the candidates and roots of many rows in a few batched calls (no-op without embeddings).
+
+        Verdicts do not change; rows that cannot be read are left for `judge` to report.
+        """
+        if self.embedder is None:
+            return
+        templates: list[str] = []
+        for row in rows:
+            try:
+                gen = _validated(row)
+                if gen.raw is None or gen.error:
+                    continue
+                _cleaned, template, _reasons = build_candidate(
+                    gen.raw, gen.parent_template, gen.masked, gen.mapping
+                )
+                _shape(gen.root_template)
+                if template:
+                    _shape(template)
+                    templates.append(template)
+                templates.append(gen.root_template)
+            except (InputError, ValueError):
+                continue
+        self._semantic.prefetch(templates)
+
     def kept_count(self, template_id: str) -> int:
         """How many rewrites of this input template were kept so far."""
         return self._kept[template_id]
@@ -274,6 +332,7 @@ class RuleChain:
         if verdict.kept and verdict.template is not None:
             shape = _shape(verdict.template)
             self._kept_keys.setdefault(gen.root_id, set()).add(shape.key)
+            self._semantic.remember(gen.root_id, verdict.template)
             self._kept[gen.template_id] += 1
             verdict.instruction = pool_row(gen, verdict.template)
         self.summary.add(verdict)
@@ -306,6 +365,13 @@ class RuleChain:
             if why:
                 verdict.reasons.append("answer_like")
                 verdict.notes["answer_like"] = why
+        if template is not None:
+            found = self._semantic.check(gen.root_id, template, gen.root_template)
+            for reason, note in found.items():
+                # an exact repeat is `identical`; near_copy and near_duplicate would only echo it
+                if reason == "semantic_drift" or "identical" not in verdict.reasons:
+                    verdict.reasons.append(reason)
+                    verdict.notes[reason] = note
         return verdict
 
     def _check_template(
@@ -457,15 +523,26 @@ class Judged:
 
 
 def filter_generations(
-    rows: Iterable[tuple[int, Mapping[str, Any]]], chain: RuleChain, source: str = "<input>"
+    rows: Iterable[tuple[int, Mapping[str, Any]]],
+    chain: RuleChain,
+    source: str = "<input>",
+    batch_size: int = 256,
 ) -> Iterator[Judged]:
-    """Judge (line, generation row) pairs in order; errors in a row name `source:line`."""
-    for line, row in rows:
-        try:
-            verdict = chain.judge(row)
-        except InputError as exc:
-            raise type(exc)(exc.reason, source, line) from None
-        yield Judged(line, row, verdict)
+    """Judge (line, generation row) pairs in order; errors in a row name `source:line`.
+
+    With embeddings in use, rows are read `batch_size` at a time and embedded together first.
+    """
+    it = iter(rows)
+    size = batch_size if chain.embedder is not None else 1
+    while batch := list(islice(it, size)):
+        if chain.embedder is not None:
+            chain.prefetch(row for _line, row in batch)
+        for line, row in batch:
+            try:
+                verdict = chain.judge(row)
+            except InputError as exc:
+                raise type(exc)(exc.reason, source, line) from None
+            yield Judged(line, row, verdict)
 
 
 def sample_instances(
@@ -512,6 +589,7 @@ def filter_to_pool(
     if summary is not None:
         chain.summary = summary
     with contextlib.ExitStack() as stack:
+        stack.enter_context(chain)
         out = stack.enter_context(atomic_writer(output))
         bad = stack.enter_context(atomic_writer(rejected)) if rejected is not None else None
         for row in originals:
