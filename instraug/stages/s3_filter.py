@@ -203,7 +203,11 @@ def build_candidate(
             return cleaned, None, ["bad_braces"]
     letters = dict(mapping or {})
     cleaned = clean_response(raw, masked)
-    text = _MASK_SLOPPY.sub(lambda m: "{" + m[1] + "}" if m[1] in letters else m[0], cleaned)
+    # tolerate {{A}} / { A } for {A}, unless the template itself shows that form (literal braces
+    # around a placeholder), where it means just what it says
+    text = _MASK_SLOPPY.sub(
+        lambda m: "{" + m[1] + "}" if m[1] in letters and m[0] not in masked else m[0], cleaned
+    )
     reasons = []
     if _stray_braces(text) > _stray_braces(masked):
         reasons.append("bad_braces")
