@@ -11,6 +11,10 @@ Measured on the 212 junk and 96 good rows (the floors below):
     rules as in the paper (length ratio + placeholders)  junk rejected 136/212 = 64.2%, good kept 96/96
     the default chain (cleanup + every rule)             junk rejected 207/212 = 97.6%, good kept 96/96
     + semantic filter (all-MiniLM-L6-v2, [0.5, 0.99))    junk rejected 207/212 = 97.6%, good kept 96/96
+
+The rules were sharpened while reading this set, so these figures are in-sample. On a second run
+of the embedded model (seed 7, T = 0.9: 225 further distinct replies, every one junk, not stored
+here) the paper's rules reject 79.1%, the default chain 96.0%, with the semantic filter 96.4%.
 """
 
 from __future__ import annotations
@@ -174,3 +178,94 @@ def test_distinct_good_rewrites_of_one_root_are_not_near_duplicates(rows: list[d
     chain = RuleChain(FilterConfig(), originals=originals)  # one chain: every keep is remembered
     reasons = [chain.judge(r).reasons for r in rows if r["label"] == "good"]
     assert [r for r in reasons if r] == []
+
+
+# --------------------------------------------------------------------------------------------
+# What the labeled set taught the rules: must fail, must pass
+
+WIKIHOW_1 = 'You are doing "{meta_data.method}". The previous steps were {context}. Write the next step.'
+WIKIHOW_3 = (
+    "What should be done after the step shown in the image? The task is {meta_data.method} and the "
+    "earlier steps are {context}."
+)
+VQA_COLOR_3 = (
+    'Look at the image and pick the color that answers "{question}".{options_token} {options|join("||||")}'
+)
+TEXT_TYPE_2 = 'What type is the text in {region|join("||||")}? {options_token} {options|join("||||")}'
+
+
+def generation(parent: str, raw: str, task: str = "T") -> dict[str, Any]:
+    from instraug.placeholders import mask_placeholders
+
+    masked = mask_placeholders(parent)
+    return {
+        "template_id": f"{task}/0",
+        "task": task,
+        "root_id": f"{task}/0",
+        "parent_template": parent,
+        "root_template": parent,
+        "masked": masked.text,
+        "mapping": masked.mapping,
+        "raw": raw,
+    }
+
+
+@pytest.mark.parametrize(
+    ("parent", "raw"),
+    [
+        # a placeholder after "is"/"are" completes a statement, it is not a blank to fill
+        (WIKIHOW_1, "The previous steps were {B}. The current step is {A}"),
+        (WIKIHOW_3, "The task is {A} and the earlier steps are {B}."),
+        (
+            VQA_COLOR_3,
+            "The image is a photograph of a woman with multiple colors. The answer is {A}.\n{B} {C}",
+        ),
+        # a final colon introduces something that is not there
+        (
+            "Describe the main content of the {image_token} in a single sentence.",
+            "The main content of {A} is:",
+        ),
+        (
+            "Look at the image carefully and tell me what is happening in it.",
+            "This sentence has been made clearer:",
+        ),
+        # a trailing "this instruction will be:" introduced nothing; what is left is an answer
+        (
+            WIKIHOW_1,
+            "The next step is to add the last image {A} and repeat it until {B}. So in the task, this "
+            "instruction will be:\n\nAdd {A}, then repeat the first two steps.",
+        ),
+    ],
+)
+def test_answers_that_looked_like_prompts_must_fail(parent: str, raw: str) -> None:
+    assert RuleChain().judge(generation(parent, raw)).reasons == ["answer_like"]
+
+
+@pytest.mark.parametrize(
+    ("parent", "raw"),
+    [
+        (TEXT_TYPE_2, "The type of the text in {A} is{B} {C}"),  # a blank before the options block
+        ("Answer the question: {question}", "Based on the image, {A}"),
+        ("Region: {region}. Describe it.", "Describe the following region: {A}"),
+        (
+            "Generate a brief caption that summarizes the image.",
+            "Come up with a short caption for the image.",
+        ),
+        ('Find the part of the image described by "{text}".', 'The goal of this task is to locate "{A}".'),
+        (WIKIHOW_3, "What comes after the step in the image? The task is {A}; the steps so far are {B}."),
+    ],
+)
+def test_instructions_must_pass(parent: str, raw: str) -> None:
+    assert RuleChain().judge(generation(parent, raw)).reasons == []
+
+
+def test_a_trailing_lead_in_goes_unless_the_input_ends_with_one() -> None:
+    from instraug.stages.s3_cleanup import clean_response
+
+    assert clean_response("Describe what is in {A}. The rewritten instruction is:", "Describe {A}.") == (
+        "Describe what is in {A}."
+    )
+    assert clean_response("Read {A} and write the output:", "Read {A} and give the output:") == (
+        "Read {A} and write the output:"
+    )
+    assert clean_response("Rewritten instruction:", "Describe {A}.") == ""  # a lone lead-in is chat

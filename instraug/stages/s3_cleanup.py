@@ -318,10 +318,11 @@ def _prompt_to_complete(low: str) -> bool:
     """Ends where the reader is to go on: "The object in {p} is", "Based on the image, {p}",
     "Region: {p}". A copula or preposition right before final placeholders states a fact
     ("The answer is {p}", "The current step is {p}"): the placeholder completes it. A final
-    options block ("[Options]: {p}") is set aside first."""
+    options block ("[Options]: {p}") is set aside first. A colon with nothing after it introduced
+    something that is missing ("The main content of {p} is:", "Here's how you can do it:")."""
     text = _OPTIONS_BLOCK.sub("", low.rstrip(_EDGE + ".…")).rstrip(_EDGE + ".…")
     if not text.endswith("{p}"):
-        return bool(_DANGLING.search(text))
+        return not text.endswith(":") and bool(_DANGLING.search(text))
     while text.endswith("{p}"):
         text = text[:-3].rstrip(_EDGE)
     return text.endswith((":", ","))
