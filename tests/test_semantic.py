@@ -361,7 +361,7 @@ def test_config_defaults() -> None:
         "method": "ngram",
         "ngram": 2,
         "max_jaccard": 0.8,
-        "max_cosine": 0.97,
+        "max_cosine": 0.985,
     }
 
 
