@@ -153,10 +153,22 @@ def expand(
             from instraug.stages.s3_filter import RuleChain
 
             metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(paths[META_PROMPTS])]
-            chain = RuleChain(config.filters, _samples(directory, config, templates), originals=templates)
             summary = GenerationSummary()
-            rows = generate(templates, metas, seeds, config, llm(), chain.judge, summary, config.budget)
-            write_jsonl(paths[GENERATIONS], rows)
+            with RuleChain(
+                config.filters, _samples(directory, config, templates), originals=templates
+            ) as chain:
+                rows = generate(
+                    templates,
+                    metas,
+                    seeds,
+                    config,
+                    llm(),
+                    chain.judge,
+                    summary,
+                    config.budget,
+                    chain.prefetch,
+                )
+                write_jsonl(paths[GENERATIONS], rows)
             if summary.stopped:
                 result.stopped = summary.stopped
                 log(

@@ -95,6 +95,13 @@ def atomic_binary(path: str | Path) -> Iterator[IO[bytes]]:
     target = Path(path)
     if target.is_dir():
         raise InputError("cannot write: is a directory", name)
+    if target.exists() and not target.is_file():  # /dev/null, a FIFO: write straight through
+        try:
+            with open(target, "wb") as fp:
+                yield fp
+        except OSError as exc:
+            raise InputError(f"cannot write: {exc.strerror or exc}", name) from None
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -55,12 +55,19 @@ def generate(
         if instances
         else None
     )
-    chain = RuleChain(settings.filters, samples, originals=rows)
     summary = GenerationSummary()
     path = resolve_cache_path(settings.llm.cache_path, cache)
-    with open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm:
+    with (
+        RuleChain(settings.filters, samples, originals=rows) as chain,
+        open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm,
+    ):
         seeds = load_seeds(settings.meta_prompts.directory)
-        count = write_jsonl(output, generate_rows(rows, metas, seeds, settings, llm, chain.judge, summary))
+        count = write_jsonl(
+            output,
+            generate_rows(
+                rows, metas, seeds, settings, llm, chain.judge, summary, settings.budget, chain.prefetch
+            ),
+        )
         failures = llm.stats.failures
     kept = sum(summary.kept.values())
     info(f"{count} generations, {kept} kept, {len(summary.roots)} templates -> {output}", quiet)

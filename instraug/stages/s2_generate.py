@@ -95,6 +95,7 @@ def generate(
     judge: Judge,
     summary: GenerationSummary | None = None,
     budget: BudgetConfig | None = None,
+    prefetch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield generation rows in a deterministic order (round by round, template order within)."""
     summary = summary if summary is not None else GenerationSummary()
@@ -140,30 +141,40 @@ def generate(
             if not batch:
                 break
             answers = _answers(llm, [item[-1] for item in batch], budget, summary)
+            round_rows: list[tuple[_State, dict[str, Any]]] = []
             for tag, (state, meta, temperature, sample, masked, _request) in enumerate(batch):
                 completion = answers.get(tag)
                 if completion is None:  # not sent: the budget ran out
                     continue
                 source = state.source
-                row: dict[str, Any] = {
-                    "template_id": source.instruction_id,
-                    "task": source.task,
-                    "variant": source.variant,
-                    "meta_prompt_id": meta.id,
-                    "temperature": temperature,
-                    "sample_index": sample,
-                    "iteration": iteration,
-                    "parent_id": source.instruction_id,
-                    "root_id": source.root_id,
-                    "parent_template": source.template,
-                    "root_template": source.root_template,
-                    "masked": masked.text if masked else None,
-                    "mapping": masked.mapping if masked else {},
-                    "raw": completion.text,
-                    "request_hash": completion.key,
-                    "model": completion.model,
-                    "error": completion.error,
-                }
+                round_rows.append(
+                    (
+                        state,
+                        {
+                            "template_id": source.instruction_id,
+                            "task": source.task,
+                            "variant": source.variant,
+                            "meta_prompt_id": meta.id,
+                            "temperature": temperature,
+                            "sample_index": sample,
+                            "iteration": iteration,
+                            "parent_id": source.instruction_id,
+                            "root_id": source.root_id,
+                            "parent_template": source.template,
+                            "root_template": source.root_template,
+                            "masked": masked.text if masked else None,
+                            "mapping": masked.mapping if masked else {},
+                            "raw": completion.text,
+                            "request_hash": completion.key,
+                            "model": completion.model,
+                            "error": completion.error,
+                        },
+                    )
+                )
+            if prefetch is not None:  # e.g. embed the whole round at once for the semantic rules
+                prefetch([row for _state, row in round_rows])
+            for state, row in round_rows:
+                source = state.source
                 verdict = judge(row)
                 instruction = verdict.instruction
                 row["candidate"] = verdict.cleaned
