@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instraug.errors import InputError, LLMError
-from instraug.llm.cache import DEFAULT_CACHE_PATH, key_of
+from instraug.llm.cache import DEFAULT_CACHE_PATH, key_of, open_wal_database
 
 if TYPE_CHECKING:
     from instraug.config import SemanticConfig
@@ -250,15 +250,7 @@ class EmbeddingCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise InputError(f"cannot open the embedding cache: {exc}", self.path) from None
+        self._db = open_wal_database(self.path, _SCHEMA, "the embedding cache")
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -81,22 +81,28 @@ class CachedResponse:
     created: float
 
 
+def open_wal_database(path: Path, schema: str, what: str) -> sqlite3.Connection:
+    """A SQLite file in WAL mode, autocommit, usable from several threads (callers lock)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode survives a killed process; only a power cut may lose the last commits.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(schema)
+    except (OSError, sqlite3.Error) as exc:
+        raise InputError(f"cannot open {what}: {exc}", path) from None
+    return db
+
+
 class ResponseCache:
     """Read and write cached responses; every put is its own committed transaction."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # One connection shared by the caller's thread and the event-loop thread, behind a lock.
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode survives a killed process; only a power cut may lose the last commits.
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise InputError(f"cannot open the LLM cache: {exc}", self.path) from None
+        # One connection shared by the caller's thread and the event-loop thread, behind a lock.
+        self._db = open_wal_database(self.path, _SCHEMA, "the LLM cache")
         self._lock = threading.Lock()
 
     def close(self) -> None:
