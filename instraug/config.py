@@ -79,7 +79,7 @@ class MetaPromptConfig(Section):
 
 class ExpansionConfig(Section):
     factor: int = Field(3, ge=1)
-    max_attempts: int = Field(9, ge=1)
+    max_attempts: int = Field(6, ge=1)
     iterations: int = Field(1, ge=1, le=10)
     protect_placeholders: bool = True
 
