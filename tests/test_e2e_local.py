@@ -98,9 +98,7 @@ def test_rerun_sends_no_request_and_changes_nothing(run: tuple[Path, Config, Any
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
 
 
-def test_regeneration_from_the_cache_is_byte_identical(
-    run: tuple[Path, Config, Any], tmp_path: Path
-) -> None:
+def test_regeneration_from_the_cache_is_byte_identical(run: tuple[Path, Config, Any], tmp_path: Path) -> None:
     out, config, _result = run
     replay = expand(EXAMPLE, tmp_path, config, quiet=True, offline=True, cache_path=out / "cache.sqlite")
     assert replay.llm["requests_sent"] == 0
