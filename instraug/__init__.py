@@ -1,3 +1,3 @@
 """instraug: robust instruction tuning data by LLM instruction augmentation (InstrAug)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import ast
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from instraug.errors import InputError, TemplateError
-from instraug.jsonl import read_jsonl
 from instraug.placeholders import (
     Placeholder,
     RenderError,
@@ -552,33 +551,5 @@ def render_fields(
     return fields
 
 
-# --------------------------------------------------------------------------------------------
-# Instances
-
-
-def instance_files(path: str | Path, split: str = "train") -> list[Path]:
-    """The instance files of a MultiInstruct directory (or the file itself)."""
-    root = Path(path)
-    if str(path) == "-" or root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise InputError("no such file or directory", str(path))
-    data_dir = "training_data" if split == "train" else "testing_data"
-    files = sorted((root / data_dir).glob(f"*/{split}.jsonl"))
-    if not files and (root / f"{split}.jsonl").is_file():
-        files = [root / f"{split}.jsonl"]
-    if not files:
-        raise InputError(f"no instances: expected {data_dir}/*/{split}.jsonl or {split}.jsonl", str(path))
-    return files
-
-
-def read_instances(path: str | Path, split: str = "train") -> Iterator[tuple[str, int, str, dict[str, Any]]]:
-    """Yield (file, line, task, instance); the task is `task_name`, else the task folder's name."""
-    for file in instance_files(path, split):
-        folder = file.parent.name if file.parent.parent.name.endswith("_data") else None
-        name = "<stdin>" if str(file) == "-" else str(file)
-        for line, instance in read_jsonl(file):
-            task = instance.get("task_name") or folder
-            if not isinstance(task, str) or not task:
-                raise InputError("instance has no task_name", name, line)
-            yield name, line, task, instance
+# Instances are read by instraug.instances (upstream's build steps included); kept importable here.
+from instraug.instances import instance_files, read_instances  # noqa: E402, F401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,19 @@ def pool_row(task: str, index: int | str, template: str, origin: str = "original
         "root_id": instruction_id if origin == "original" else f"{task}/0",
         **extra,
     }
+
+
+#: Tasks whose options upstream replaces by `next` and `previous` in an order it does not store.
+STEP_ORDER_TASKS = {"wikihow_text_image_step_order", "wikihow_image_text_step_order"}
+
+
+class FixedOrder(random.Random):
+    """An rng whose shuffle puts a list in a given order (the order upstream happened to draw)."""
+
+    def __init__(self, order: tuple[str, ...]):
+        super().__init__(0)
+        self.order = order
+
+    def shuffle(self, x: Any) -> None:  # type: ignore[override]
+        assert sorted(x) == sorted(self.order)
+        x[:] = self.order

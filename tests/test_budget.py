@@ -76,8 +76,8 @@ def test_estimate_sends_nothing_and_bounds_the_plan(tmp_path: Path, server: Coun
     assert server.count == 0
     assert not (tmp_path / "run" / "generations.jsonl").exists()
     templates = int(plan["templates_augmented"])
-    # the example: 25 templates, 5 of them held out (visual_nli) and 1 pure placeholder
-    assert templates == 19
+    # the example: 34 templates, 5 of them held out (visual_nli) and 1 pure placeholder
+    assert templates == 28
     assert int(plan["requests_min"]) == templates * 2
     assert int(plan["requests_max"]) == templates * 4
     assert float(plan["cost_max_usd"]) > 0

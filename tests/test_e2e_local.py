@@ -68,7 +68,8 @@ def test_kept_templates_render_on_an_instance_of_their_task(run: tuple[Path, Con
     out, config, _result = run
     instances: dict[str, dict[str, Any]] = {}
     for _name, _line, task, instance in read_instances(EXAMPLE):
-        instances.setdefault(task, instance)
+        if instance is not None:
+            instances.setdefault(task, instance)
     generated = [r for r in rows(out / "instructions.jsonl") if r["origin"] == "generated"]
     import random
 

@@ -136,7 +136,8 @@ def copy_run(first: FirstRun, tmp_path: Path) -> Path:
 def instances_by_task() -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for _file, _line, task, instance in read_instances(EXAMPLE):
-        found.setdefault(task, []).append(instance)
+        if instance is not None:
+            found.setdefault(task, []).append(instance)
     return found
 
 

@@ -9,25 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import read_jsonl
+from helpers import STEP_ORDER_TASKS, FixedOrder, read_jsonl
 
 from instraug.multiinstruct import import_templates, render_fields
 from instraug.pool import InstructionPool
-
-#: Tasks whose options upstream replaces by `next` and `previous` in an order it does not store.
-STEP_ORDER_TASKS = {"wikihow_text_image_step_order", "wikihow_image_text_step_order"}
-
-
-class FixedOrder(random.Random):
-    """An rng whose shuffle puts a list in a given order (the order upstream happened to draw)."""
-
-    def __init__(self, order: tuple[str, ...]):
-        super().__init__(0)
-        self.order = order
-
-    def shuffle(self, x: Any) -> None:  # type: ignore[override]
-        assert sorted(x) == sorted(self.order)
-        x[:] = self.order
 
 
 @pytest.fixture(scope="module")

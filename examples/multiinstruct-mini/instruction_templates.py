@@ -53,6 +53,26 @@ def build_instruction(task, text=None, options=None, region=None, context=None, 
             f"""What should be done after the step shown in the image? The task is {meta_data['method']} and the earlier steps are {context}.""",
             f"""Task: {meta_data['method']}. History: {context}. Based on the image of the current step, describe the next step.""",
         ]
+    elif task == 'region_generation':
+        instructs = [
+            f"""Find every region of the image that contains "{text}".""",
+            f"""Which parts of the image show {text}? Answer with their regions.""",
+            f"""Locate {text} in the image and give the bounding box of each one.""",
+        ]
+    elif task == 'select_overlap_most_region':
+        given_region = region_split_token.join(meta_data['object_regions']['given_region'])
+        instructs = [
+            f"""Which of the regions in the options overlaps the most with {given_region}?{options_token} {split_token.join(options)}""",
+            f"""Given the region {given_region}, choose the option that covers the largest part of it.{options_token} {split_token.join(options)}""",
+            f"""Compare each option with the region {given_region} and select the one sharing the most area with it.{options_token} {split_token.join(options)}""",
+        ]
+    elif task == 'if_region_overlap':
+        given_region = region_split_token.join(meta_data['object_regions']['given_region'])
+        instructs = [
+            f"""Is there any overlap between {region[0]} and {given_region}?{options_token} {split_token.join(options)}""",
+            f"""Tell whether the region {given_region} and the region {region[0]} share some area.{options_token} {split_token.join(options)}""",
+            f"""Look at the two regions {region[0]} and {given_region}. Do they overlap?{options_token} {split_token.join(options)}""",
+        ]
     elif task == 'visual_nli':
         instructs = [
             f"""Decide whether the image supports the sentence "{text}".{options_token} {split_token.join(options)}""",

@@ -64,3 +64,6 @@ def assemble(
     if summary.held_out:
         skipped = ", ".join(f"{task} ({n})" for task, n in sorted(summary.held_out.items()))
         info(f"held-out tasks skipped: {skipped}", quiet)
+    if summary.skipped:
+        skipped = ", ".join(f"{task} ({n})" for task, n in sorted(summary.skipped.items()))
+        info(f"tasks upstream's build skips (image-code outputs, missing tasks): {skipped}", quiet)

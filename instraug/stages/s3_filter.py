@@ -562,6 +562,8 @@ def sample_instances(
         one_task = file.parent.parent.name.endswith("_data")
         seen: set[str] = set()
         for _name, _line, task, instance in read_instances(file, split):
+            if instance is None:
+                continue
             seen.add(task)
             if wanted is None or task in wanted:
                 bucket = samples.setdefault(task, [])

@@ -13,7 +13,8 @@ from instraug.multiinstruct import derived_names, render_fields
 from instraug.placeholders import RenderError
 from instraug.pool import InstructionPool
 
-InstanceRow = tuple[str, int, str, dict[str, Any]]
+#: (file, line, task, built instance or None for a task upstream's build skips)
+InstanceRow = tuple[str, int, str, "dict[str, Any] | None"]
 
 
 @dataclass
@@ -22,6 +23,8 @@ class AssemblySummary:
     by_origin: Counter[str] = field(default_factory=Counter)
     by_task: Counter[str] = field(default_factory=Counter)
     held_out: Counter[str] = field(default_factory=Counter)
+    #: rows of tasks upstream's build skips (image-code outputs, missing tasks), per task
+    skipped: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -29,6 +32,7 @@ class AssemblySummary:
             "by_origin": dict(sorted(self.by_origin.items())),
             "tasks": len(self.by_task),
             "held_out": dict(sorted(self.held_out.items())),
+            "skipped": dict(sorted(self.skipped.items())),
         }
 
 
@@ -51,6 +55,9 @@ def assemble(
     counts: dict[tuple[str, str], int] = {}  # (task, origin) -> rows
     try:
         for name, line, task, instance in instances:
+            if instance is None:
+                summary.skipped[task] += 1
+                continue
             plan = plans.get(task)
             if plan is None:
                 plan = plans[task] = _TaskPlan(pool, task, task in skip)
@@ -110,6 +117,8 @@ def render_all(
     """Every template of each instance's task (and variant), rendered on that instance."""
     rng = random.Random(seed)
     for name, line, task, instance in instances:
+        if instance is None:
+            continue
         try:
             fields = render_fields(task, instance, rng)
             template_set = pool.sets_for(task, fields)
