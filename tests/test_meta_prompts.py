@@ -16,7 +16,15 @@ from typer.testing import Result
 from instraug.config import MetaPromptConfig, SamplingConfig
 from instraug.llm.base import ChatRequest
 from instraug.records import MetaPrompt
-from instraug.stages.s1_meta_prompts import Seeds, Strategy, build_meta_prompts, load_seeds, parse_list
+from instraug.stages.s1_meta_prompts import (
+    Seeds,
+    Strategy,
+    build_meta_prompts,
+    default_directory,
+    load_seeds,
+    packaged_directory,
+    parse_list,
+)
 
 # --------------------------------------------------------------------------------------------
 # parse_list
@@ -201,7 +209,7 @@ CLI = Callable[..., Result]
 
 def write_config(path: Path, **meta_prompts: Any) -> Path:
     config = {
-        "llm": {"backend": "no-such-backend", "base_url": "http://127.0.0.1:9/v1"},
+        "llm": {"backend": "openai", "model": "none", "base_url": "http://127.0.0.1:9/v1"},  # unreachable
         "meta_prompts": {"merge": "curated", "count": 4, **meta_prompts},
     }
     path.write_text(yaml.safe_dump(config))
@@ -267,3 +275,20 @@ def test_cli_missing_seeds_is_an_error_naming_the_file(cli: CLI, tmp_path: Path)
     assert result.stderr.startswith(
         f"Error: {tmp_path / 'nowhere' / 'seeds.yaml'}: cannot read seed meta-prompts"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Where the seeds come from
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_checkout_reads_its_top_level_meta_instructions() -> None:
+    assert default_directory() == REPO_ROOT / "meta_instructions"
+
+
+def test_packaged_seeds_are_the_top_level_seeds() -> None:
+    """The copy the wheel ships is a link to meta_instructions/seeds.yaml, never a second version."""
+    packaged = packaged_directory() / "seeds.yaml"
+    assert packaged.parent != REPO_ROOT / "meta_instructions"
+    assert packaged.read_bytes() == (REPO_ROOT / "meta_instructions" / "seeds.yaml").read_bytes()

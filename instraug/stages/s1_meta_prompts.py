@@ -38,12 +38,21 @@ class Seeds(BaseModel):
     strategies: list[Strategy] = Field(default_factory=list)
 
 
+def packaged_directory() -> Path:
+    """The seeds installed with instraug (in a checkout, a link to the top-level meta_instructions/)."""
+    return Path(__file__).resolve().parents[1] / "meta_instructions"
+
+
 def default_directory() -> Path:
-    """meta_instructions/ of this source checkout."""
-    return Path(__file__).resolve().parents[2] / "meta_instructions"
+    """meta_instructions/ of the source checkout instraug runs from, else the installed copy."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "meta_instructions" / SEEDS_FILE).is_file():
+        return checkout / "meta_instructions"
+    return packaged_directory()
 
 
 def load_seeds(directory: str | Path | None = None) -> Seeds:
+    """seeds.yaml of `directory` (meta_prompts.directory), else of default_directory()."""
     path = Path(directory or default_directory()) / SEEDS_FILE
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
