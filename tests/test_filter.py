@@ -18,18 +18,13 @@ from typer.testing import Result
 
 from instraug.config import FilterConfig, load_config
 from instraug.errors import ConfigError, InputError
+from instraug.funnel import REASONS
 from instraug.multiinstruct import CONSTANTS, import_templates, render_fields
 from instraug.placeholders import CompiledTemplate, literal_text, mask_placeholders, placeholders_of
-from instraug.records import Instruction
+from instraug.records import Instruction, instruction_id
 from instraug.stages.s3_cleanup import clean_response
-from instraug.stages.s3_filter import (
-    REASONS,
-    RuleChain,
-    build_candidate,
-    filter_generations,
-    instruction_id,
-    sample_instances,
-)
+from instraug.stages.s3_filter import filter_generations, sample_instances
+from instraug.stages.s3_rules import RuleChain, build_candidate
 
 Cli = Callable[..., Result]
 

@@ -29,7 +29,10 @@ import pytest
 
 from instraug.config import FilterConfig, SemanticConfig
 from instraug.multiinstruct import import_templates
-from instraug.stages.s3_filter import GenerationRow, RuleChain, Verdict, sample_instances
+from instraug.records import Generation
+from instraug.records import Verdict
+from instraug.stages.s3_filter import sample_instances
+from instraug.stages.s3_rules import RuleChain
 
 HERE = Path(__file__).resolve().parent
 LABELED = HERE / "data" / "filter_labeled.jsonl"
@@ -109,7 +112,7 @@ def test_the_labeled_set_is_real_and_mixed(rows: list[dict[str, Any]]) -> None:
     )
     originals = {t.template_id for t in import_templates(MINI / "instruction_templates.py")}
     for row in rows:
-        gen = GenerationRow.model_validate(row)
+        gen = Generation.model_validate(row)
         assert gen.template_id in originals and gen.raw and gen.masked is not None
     assert len({(r["template_id"], r["raw"]) for r in rows}) == len(rows)  # no repeated reply
 

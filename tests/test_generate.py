@@ -14,10 +14,9 @@ import pytest
 from instraug.config import AssemblyConfig, Config, ExpansionConfig, SamplingConfig
 from instraug.llm.base import ChatRequest, Completion, RunStats
 from instraug.placeholders import Masked, mask_placeholders, restore_placeholders
-from instraug.records import MetaPrompt
+from instraug.records import MetaPrompt, Verdict
 from instraug.stages.s1_meta_prompts import Seeds
 from instraug.stages.s2_generate import GenerationSummary, attempt_plan, generate
-from instraug.stages.s3_filter import Verdict
 
 # --------------------------------------------------------------------------------------------
 # The inputs

@@ -26,7 +26,7 @@ from instraug.placeholders import (
     parse_template,
     restore_placeholders,
 )
-from instraug.stages.s3_filter import build_candidate
+from instraug.stages.s3_rules import build_candidate
 
 
 def examples(n: int) -> settings:

@@ -29,8 +29,10 @@ from instraug.embeddings import (
     open_embedder,
 )
 from instraug.errors import ConfigError, InstraugError
+from instraug.funnel import REASONS
 from instraug.placeholders import mask_placeholders
-from instraug.stages.s3_filter import REASONS, RuleChain, filter_generations
+from instraug.stages.s3_filter import filter_generations
+from instraug.stages.s3_rules import RuleChain
 from instraug.stages.s3_semantic import embedding_text, jaccard, shingles, word_tokens
 
 Cli = Callable[..., Result]

@@ -21,7 +21,7 @@ from instraug.stages.s1_meta_prompts import Seeds, system_prompt
 if TYPE_CHECKING:
     from instraug.llm import LLMSession
     from instraug.llm.base import ChatRequest, Completion
-    from instraug.stages.s3_filter import Verdict
+    from instraug.records import Verdict
 
 #: judge(generation row) -> Verdict (the stage-3 RuleChain.judge): reasons, cleaned text, template, pool row
 Judge = Callable[[dict[str, Any]], "Verdict"]
