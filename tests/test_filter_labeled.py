@@ -29,8 +29,7 @@ import pytest
 
 from instraug.config import FilterConfig, SemanticConfig
 from instraug.multiinstruct import import_templates
-from instraug.records import Generation
-from instraug.records import Verdict
+from instraug.records import Generation, Verdict
 from instraug.stages.s3_filter import sample_instances
 from instraug.stages.s3_rules import RuleChain
 
