@@ -60,12 +60,15 @@ class InstructionPool:
             seen[row.instruction_id] = (name, line)
             try:
                 compiled = CompiledTemplate(row.template, CONSTANTS)
-                sets = self.tasks.setdefault(row.task, {})
-                if row.variant not in sets:
-                    selector = VariantSelector(row.variant, row.task) if row.variant else None
-                    sets[row.variant] = TemplateSet(selector)
             except TemplateError as exc:
                 raise TemplateError(f"{row.instruction_id}: {exc.reason}", name, line) from None
+            sets = self.tasks.setdefault(row.task, {})
+            if row.variant not in sets:
+                try:
+                    selector = VariantSelector(row.variant, row.task) if row.variant else None
+                except TemplateError as exc:
+                    raise TemplateError(f"variant: {exc.reason}", name, line) from None
+                sets[row.variant] = TemplateSet(selector)
             target = sets[row.variant].original if row.origin == "original" else sets[row.variant].generated
             target.append(PoolEntry(row, compiled))
             self.needs[row.task] = self.needs.get(row.task, frozenset()) | compiled.roots
