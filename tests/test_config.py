@@ -84,7 +84,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         ),
         (
             "sampling:\n  top_p: 0.5\n  temperatures:\n    - 0.5\n    - hot\n",
-            ":5: sampling.temperatures.1: must be a valid number, unable to parse string as a number",
+            ":5: sampling.temperatures.1: must be a number, got a string ('hot')",
         ),
         ("assembly:\n  split: dev\n", ":2: assembly.split: must be 'train' or 'test'"),
         ("expansion: 5\n", ":1: expansion: must be a valid dictionary or instance of ExpansionConfig"),
