@@ -118,13 +118,22 @@ def _convert_source(expr: str, constants: Mapping[str, str]) -> Placeholder:
 
 
 def import_templates(path: str | Path) -> list[Template]:
-    """Every template of build_instruction, read from the file's syntax tree."""
+    """Every template of build_instruction, read from the file's syntax tree; `-` reads stdin.
+
+    A templates.json (by its name, or on stdin by its opening `[` or `{`) is read as JSON instead.
+    """
+    import sys
+
     name = str(path)
     try:
-        source = Path(path).read_text(encoding="utf-8")
+        if name == "-":
+            name = "<stdin>"
+            source = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            source = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", name) from None
-    if name.endswith(".json"):
+    if name.endswith(".json") or (name == "<stdin>" and source.lstrip().startswith(("[", "{"))):
         return _import_json(source, name)
     try:
         tree = ast.parse(source, filename=name)

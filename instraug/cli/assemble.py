@@ -12,6 +12,9 @@ from instraug.cli._common import (
     OutputOption,
     QuietOption,
     info,
+    instance_inputs,
+    only_one_stdin,
+    refuse_output_over_inputs,
     reports_errors,
 )
 
@@ -44,7 +47,9 @@ def assemble(
     from instraug.stages.s4_assemble import AssemblySummary
     from instraug.stages.s4_assemble import assemble as assemble_rows
 
+    only_one_stdin(("--pool", pool), ("--instances", instances))
     settings = load_config(config).assembly
+    refuse_output_over_inputs(output, [pool, config, *instance_inputs(instances, settings.split)])
     summary = AssemblySummary()
     rows = assemble_rows(
         InstructionPool.load(pool),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import ConfigOption, QuietOption, info, reports_errors
+from instraug.cli._common import ConfigOption, QuietOption, info, refuse_output_over_inputs, reports_errors
 
 app = typer.Typer(help="Inspect, export and import the LLM response cache.", no_args_is_help=True)
 
@@ -64,7 +64,9 @@ def export(
     from instraug.jsonl import write_jsonl
     from instraug.llm.cache import ResponseCache
 
-    with ResponseCache(_cache_path(cache, config, must_exist=True)) as store:
+    path = _cache_path(cache, config, must_exist=True)
+    refuse_output_over_inputs(output, [path, config], "OUTPUT")
+    with ResponseCache(path) as store:
         count = write_jsonl(output, store.export_rows())
     info(f"{count} responses -> {output}", quiet)
 
@@ -82,6 +84,7 @@ def import_(
     from instraug.llm.cache import ResponseCache
 
     path = _cache_path(cache, config, must_exist=False)
+    refuse_output_over_inputs(path, [source, config], "--cache")
     with ResponseCache(path) as store:
         added, present = store.import_rows(read_jsonl(source), source)
     info(f"{added} responses added to {path}, {present} already there", quiet)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import QuietOption, info, reports_errors
+from instraug.cli._common import QuietOption, info, refuse_output_over_inputs, reports_errors
 
 
 class ExportFormat(str, Enum):
@@ -43,7 +43,9 @@ def export(
     quiet: QuietOption = False,
 ) -> None:
     """Export the training set (train.jsonl) for LLaVA, Hugging Face datasets or parquet readers."""
+    from instraug.export import TRAIN
     from instraug.export import export as run_export
 
+    refuse_output_over_inputs(output, [run_dir / TRAIN])
     path, rows = run_export(run_dir, fmt.value, output, progress=not quiet)
     info(f"{rows} training rows -> {path}", quiet)

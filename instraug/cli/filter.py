@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import ConfigOption, OutputOption, QuietOption, info, reports_errors
+from instraug.cli._common import (
+    ConfigOption,
+    OutputOption,
+    QuietOption,
+    info,
+    instance_inputs,
+    only_one_stdin,
+    refuse_one_file_twice,
+    refuse_output_over_inputs,
+    reports_errors,
+)
 
 
 @reports_errors
@@ -39,11 +49,14 @@ def filter_command(
     from instraug.errors import InputError
     from instraug.stages.s3_filter import FilterSummary, filter_to_pool, sample_instances
 
-    if generations == "-" and instances == "-":
-        raise InputError("GENERATIONS and --instances cannot both be read from stdin (-)")
+    only_one_stdin(("GENERATIONS", generations), ("--templates", templates), ("--instances", instances))
     if output == "-" and rejected == "-":
         raise InputError("--output and --rejected cannot both be stdout (-)")
     settings = load_config(config)
+    inputs = [generations, templates, config, *instance_inputs(instances, settings.assembly.split)]
+    refuse_output_over_inputs(output, inputs)
+    refuse_output_over_inputs(rejected, inputs, "--rejected")
+    refuse_one_file_twice(("--output", output), ("--rejected", rejected))
     filters = settings.filters
     samples = None
     if instances is not None and filters.check_render:

@@ -14,6 +14,9 @@ from instraug.cli._common import (
     OutputOption,
     QuietOption,
     info,
+    instance_inputs,
+    only_one_stdin,
+    refuse_output_over_inputs,
     reports_errors,
 )
 
@@ -45,7 +48,11 @@ def generate(
     from instraug.stages.s2_generate import generate as generate_rows
     from instraug.stages.s3_filter import RuleChain, sample_instances
 
+    only_one_stdin(("--templates", templates), ("--meta-prompts", meta_prompts), ("--instances", instances))
     settings = load_config(config)
+    path = resolve_cache_path(settings.llm.cache_path, cache)
+    inputs = [templates, meta_prompts, config, path, *instance_inputs(instances, settings.assembly.split)]
+    refuse_output_over_inputs(output, inputs)
     rows = [row for _line, row in read_jsonl(templates)]
     metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(meta_prompts)]
     samples = (
@@ -56,7 +63,6 @@ def generate(
         else None
     )
     summary = GenerationSummary()
-    path = resolve_cache_path(settings.llm.cache_path, cache)
     with (
         RuleChain(settings.filters, samples, originals=rows) as chain,
         open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import OutputOption, QuietOption, info, reports_errors
+from instraug.cli._common import OutputOption, QuietOption, info, refuse_output_over_inputs, reports_errors
 
 
 @reports_errors
@@ -16,7 +16,7 @@ def import_templates(
         Path,
         typer.Argument(
             help="MultiInstruct's instruction_templates.py (read as a syntax tree, never run), "
-            "or a templates.json of {task, variant, templates} sets."
+            "or a templates.json of {task, variant, templates} sets; - reads either from stdin."
         ),
     ],
     output: OutputOption = "-",
@@ -26,6 +26,7 @@ def import_templates(
     from instraug.jsonl import write_jsonl
     from instraug.multiinstruct import import_templates as read_templates
 
+    refuse_output_over_inputs(output, [source])
     rows = read_templates(source)
     write_jsonl(output, (row.as_row() for row in rows))
     tasks = len({row.task for row in rows})

@@ -9,6 +9,7 @@ from instraug.cli._common import (
     OutputOption,
     QuietOption,
     info,
+    refuse_output_over_inputs,
     reports_errors,
 )
 
@@ -23,21 +24,26 @@ def meta_prompts(
 ) -> None:
     """Stage 1: the direct prompt plus bootstrapped and/or curated rewriting strategies."""
     import contextlib
+    from pathlib import Path
 
     from instraug.config import load_config
     from instraug.jsonl import write_jsonl
     from instraug.llm.cache import resolve_cache_path
-    from instraug.stages.s1_meta_prompts import build_meta_prompts, load_seeds
+    from instraug.stages.s1_meta_prompts import SEEDS_FILE, build_meta_prompts, default_directory, load_seeds
 
     settings = load_config(config)
+    cache_path = resolve_cache_path(settings.llm.cache_path, cache)
+    seeds_file = Path(settings.meta_prompts.directory or default_directory()) / SEEDS_FILE
+    refuse_output_over_inputs(output, [config, cache_path, seeds_file])
     seeds = load_seeds(settings.meta_prompts.directory)
     with contextlib.ExitStack() as stack:
         llm = None
         if settings.meta_prompts.bootstrap and settings.meta_prompts.merge != "curated":
             from instraug.llm import open_llm
 
-            path = resolve_cache_path(settings.llm.cache_path, cache)
-            llm = stack.enter_context(open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet))
+            llm = stack.enter_context(
+                open_llm(settings.llm, cache_path=cache_path, offline=offline, quiet=quiet)
+            )
         result = build_meta_prompts(seeds, settings.meta_prompts, settings.sampling, llm)
     write_jsonl(output, (p.model_dump() for p in result.prompts))
     info(f"{len(result.prompts)} meta-prompts ({result.bootstrapped} bootstrapped) -> {output}", quiet)

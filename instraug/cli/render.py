@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import OutputOption, QuietOption, info, reports_errors
+from instraug.cli._common import (
+    OutputOption,
+    QuietOption,
+    info,
+    instance_inputs,
+    only_one_stdin,
+    refuse_output_over_inputs,
+    reports_errors,
+)
 
 
 @reports_errors
@@ -27,6 +35,8 @@ def render(
     from instraug.pool import InstructionPool
     from instraug.stages.s4_assemble import render_all
 
+    only_one_stdin(("--templates", templates), ("--instances", instances))
+    refuse_output_over_inputs(output, [templates, *instance_inputs(instances)])
     pool = InstructionPool.load(templates)
     count = write_jsonl(output, render_all(pool, read_instances(instances), seed=seed))
     info(f"{count} prompts -> {output}", quiet)
