@@ -13,7 +13,8 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 export CMAKE_ARGS
 
 # The semantic extra needs torch; from PyPI alone pip takes the multi-gigabyte CUDA build, so the
-# CPU build comes first, from PyTorch's CPU index (an empty TORCH_INDEX uses only pip's own).
+# CPU build comes first, from PyTorch's CPU index (an empty TORCH_INDEX uses only pip's own
+# indexes). Only torch itself is looked up there; its dependencies come with the next step.
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
@@ -31,7 +32,7 @@ setup: $(SETUP)
 $(SETUP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
+	$(BIN)/python -m pip install --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
