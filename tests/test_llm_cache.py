@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -161,3 +162,21 @@ def test_cli_errors_name_the_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["cache", "import", str(bad), "--cache", str(tmp_path / "c.sqlite")])
     assert result.exit_code == 2
     assert f"Error: {bad}:1: not a cache export row: 'request' must be an object" in result.output
+
+
+def test_one_writer_at_a_time_and_readers_are_not_blocked(tmp_path: Path) -> None:
+    from instraug.errors import InputError
+
+    path = tmp_path / "cache.sqlite"
+    with ResponseCache(path, writer=True) as writer:
+        with pytest.raises(InputError) as caught:
+            ResponseCache(path, writer=True)
+        assert str(caught.value) == (
+            f"{path}: another instraug run is using this LLM cache (pid {os.getpid()}); "
+            "wait for it or choose another --cache"
+        )
+        writer.put("k", {"model": "m"}, "text", "stop", 1, 1)
+        with ResponseCache(path) as reader:
+            assert reader.get("k") is not None
+    with ResponseCache(path, writer=True) as again:  # closing let the next writer in
+        assert len(again) == 1

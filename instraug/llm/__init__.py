@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from instraug.errors import EXIT_COMPLETED_WITH_FAILURES, CacheMissError
+from instraug.errors import EXIT_COMPLETED_WITH_FAILURES, CacheMissError, LLMError
 from instraug.llm import local, openai_backend  # noqa: F401 - registers the built-in backends
 from instraug.llm.base import BACKENDS, Backend, ChatRequest, Completion, RunStats, get_backend
 from instraug.llm.cache import ResponseCache
@@ -35,6 +35,8 @@ __all__ = [
 
 
 _DONE = object()
+#: How the openai backend words a request whose every attempt failed to connect (its cause comes first).
+UNREACHABLE_PREFIX = "connection after "
 
 
 class _LoopThread:
@@ -84,6 +86,9 @@ class LLMSession:
         self.cache = cache
         self.offline = offline
         self.quiet = quiet
+        self.first_failure: str | None = None  # the error of the first request that failed
+        self.unreachable = 0  # requests that failed because the server could not be reached
+        self.unreachable_example: str | None = None
         self._loop: _LoopThread | None = None
 
     def run(self, requests: Iterable[ChatRequest]) -> Iterator[Completion]:
@@ -164,6 +169,10 @@ class LLMSession:
     def _counted(self, completion: Completion, progress: tqdm[Any]) -> Completion:
         if completion.error is not None:
             self.stats.failures += 1
+            self.first_failure = self.first_failure or completion.error
+            if completion.error.startswith(UNREACHABLE_PREFIX):
+                self.unreachable += 1
+                self.unreachable_example = self.unreachable_example or completion.error
         elif completion.finish_reason == "length":
             self.stats.truncated += 1
         progress.update()
@@ -172,6 +181,17 @@ class LLMSession:
                 f"tokens in/out {self.stats.prompt_tokens}/{self.stats.completion_tokens}", refresh=False
             )
         return completion
+
+    def unreachable_error(self) -> LLMError | None:
+        """An LLMError (exit 3) when a request failed because the server could not be reached."""
+        if not self.unreachable:
+            return None
+        where = getattr(self.backend, "base_url", None) or "the LLM server"
+        return LLMError(
+            f"cannot reach {where}: {self.unreachable} of {self.stats.requests} requests failed to connect "
+            f"({self.unreachable_example}); start the server or check llm.base_url, then run again "
+            "(answers so far are cached)"
+        )
 
     def _progress(self, total: int) -> tqdm[Any]:
         from tqdm import tqdm
@@ -210,7 +230,8 @@ def open_llm(
     backend = get_backend(llm_config.backend)(llm_config, stats, quiet=quiet)
     if offline and cache_path is None:
         raise CacheMissError("offline mode answers from the cache only, but no cache path is set")
-    cache = ResponseCache(cache_path) if cache_path is not None else None
+    # An offline session only reads; any other holds the cache's writer lock until it ends.
+    cache = ResponseCache(cache_path, writer=not offline) if cache_path is not None else None
     session = LLMSession(backend, cache, offline=offline, quiet=quiet)
     try:
         with sigterm_unwinds():

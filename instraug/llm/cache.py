@@ -16,6 +16,7 @@ from instraug.errors import InputError
 
 if TYPE_CHECKING:
     from instraug.llm.base import ChatRequest
+    from instraug.locks import WriterLock
 
 #: Where the cache lives when neither the command line nor `llm.cache_path` says.
 DEFAULT_CACHE_PATH = Path(".instraug") / "llm-cache.sqlite"
@@ -82,11 +83,16 @@ class CachedResponse:
 
 
 def open_wal_database(path: Path, schema: str, what: str) -> sqlite3.Connection:
-    """A SQLite file in WAL mode, autocommit, usable from several threads (callers lock)."""
+    """A SQLite file in WAL mode, autocommit, usable from several threads (callers lock).
+
+    A database that holds other tables (another program's, or another instraug cache) is refused
+    before anything in it changes.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA busy_timeout = 10000")
+        _check_schema(db, schema, what, path)
         db.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives a killed process; only a power cut may lose the last commits.
         db.execute("PRAGMA synchronous = NORMAL")
@@ -96,19 +102,71 @@ def open_wal_database(path: Path, schema: str, what: str) -> sqlite3.Connection:
     return db
 
 
+def _columns(db: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in db.execute(f"PRAGMA table_info({table!r})")]
+
+
+def _check_schema(db: sqlite3.Connection, schema: str, what: str, path: Path) -> None:
+    """Refuse a non-empty database whose table is missing or has other columns than `schema` makes."""
+    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    if not tables:
+        return  # a new (or empty) file
+    model = sqlite3.connect(":memory:")
+    try:
+        model.execute(schema)
+        [table] = [name for (name,) in model.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        expected = _columns(model, table)
+    finally:
+        model.close()
+    if table not in tables:
+        raise InputError(
+            f"cannot use it as {what}: it is an SQLite database with other tables "
+            f"({', '.join(sorted(tables))})",
+            path,
+        )
+    found = _columns(db, table)
+    if found != expected:
+        raise InputError(
+            f"cannot use it as {what}: its table {table!r} has the columns ({', '.join(found)}), "
+            f"not ({', '.join(expected)})",
+            path,
+        )
+
+
 class ResponseCache:
     """Read and write cached responses; every put is its own committed transaction."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writer: bool = False) -> None:
+        """Open the cache; a `writer` also holds CACHE.lock, so two runs never send a request twice."""
         self.path = Path(path)
-        # One connection shared by the caller's thread and the event-loop thread, behind a lock.
-        self._db = open_wal_database(self.path, _SCHEMA, "the LLM cache")
+        self._writer: WriterLock | None = None
+        if writer:
+            from instraug.locks import cache_lock
+
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"cannot open the LLM cache: {exc.strerror or exc}", self.path) from None
+            self._writer = cache_lock(self.path)
+            self._writer.acquire()
+        try:
+            # One connection shared by the caller's thread and the event-loop thread, behind a lock.
+            self._db = open_wal_database(self.path, _SCHEMA, "the LLM cache")
+        except BaseException:
+            self._release()
+            raise
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (and let the next writer in)."""
         with self._lock:
             self._db.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
 
     def __enter__(self) -> ResponseCache:
         return self
