@@ -10,11 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from instraug.config import Config
-from instraug.errors import InputError
+from instraug.errors import (
+    EXIT_BUDGET_REACHED,
+    EXIT_COMPLETED_WITH_FAILURES,
+    InputError,
+    InstraugError,
+)
 from instraug.jsonl import read_jsonl, write_jsonl
+from instraug.locks import run_dir_lock
 from instraug.multiinstruct import import_templates, instance_files, read_instances
 from instraug.runstate import RunState, file_digest, fingerprint
 
@@ -29,15 +33,18 @@ REJECTED = "rejected.jsonl"
 TRAIN = "train.jsonl"
 REPORT = "report.json"
 CACHE = "cache.sqlite"
+STAGES = ("templates", "meta_prompts", "generations", "instructions", "train")
 
 
 @dataclass
 class ExpandResult:
     out: Path
-    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "up to date"
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "up to date" | ...
     llm: dict[str, Any] = field(default_factory=dict)
     failures: int = 0
+    first_failure: str | None = None  # the error of the first failed request
     stopped: str | None = None  # generation stopped early (budget); the run resumes from its cache
+    error: InstraugError | None = None  # what stopped the run before its last stage
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,14 +64,61 @@ def expand(
     cache_path: Path | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> ExpandResult:
-    """Run every stage whose inputs changed since the last run into `out`."""
+    """Run every stage whose inputs changed since the last run into `out`.
+
+    One run at a time holds `out` (RUN_DIR/.instraug.lock). Every run that gets it ends by writing
+    report.json and report.md about itself, also when an error stops it (and then re-raises).
+    """
     started = time.perf_counter()
     source = directory / "instruction_templates.py"
     if not source.is_file():
         raise InputError("not a MultiInstruct directory: no instruction_templates.py", directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = RunState(out)
+    make_run_dir(out)
     result = ExpandResult(out)
+    with run_dir_lock(out):
+        try:
+            _run_stages(directory, out, config, result, offline, quiet, cache_path, log)
+        except InstraugError as exc:
+            result.error = exc
+            _finish(out, config, result, time.perf_counter() - started)
+            raise
+        _finish(out, config, result, time.perf_counter() - started)
+    return result
+
+
+def make_run_dir(out: Path) -> None:
+    """Create the run directory, or say why it cannot be one (exit 2)."""
+    if out.exists() and not out.is_dir():
+        raise InputError("not a directory: -o names a run directory, and this is a file", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker is not None else exc.strerror or str(exc)
+        raise InputError(f"cannot create the run directory: {why}", out) from None
+
+
+def _finish(out: Path, config: Config, result: ExpandResult, seconds: float) -> None:
+    """report.json and report.md of this run, written together."""
+    from instraug.report import write_report
+
+    state = RunState(out)
+    result.report = build_report(out, config, result, state.summary("train"), seconds)
+    write_report(out, summary=result.report)
+
+
+def _run_stages(
+    directory: Path,
+    out: Path,
+    config: Config,
+    result: ExpandResult,
+    offline: bool,
+    quiet: bool,
+    cache_path: Path | None,
+    log: Callable[[str], None],
+) -> None:
+    state = RunState(out)
+    source = directory / "instruction_templates.py"
     split = config.assembly.split
     inputs = [file_digest(f) for f in instance_files(directory, split)]
     paths = {name: out / name for name in (TEMPLATES, META_PROMPTS, GENERATIONS, INSTRUCTIONS, TRAIN)}
@@ -81,13 +135,24 @@ def expand(
             return
         log(f"{name}: running")
         failures_before = failures()
-        summary = run()
+        result.stages[name] = "failed"
+        try:
+            summary = run()
+        except BaseException:
+            state.forget(name)
+            raise
+        finally:
+            if session:
+                _llm_use(result, session[0])
         result.stages[name] = "ran"
         # a partial output (budget stop, failed requests) is never recorded as up to date,
         # so the next run sends what is missing (answers so far come from the cache)
         if result.stopped or failures() > failures_before:
             result.stages[name] = "stopped" if result.stopped else "incomplete"
             state.forget(name)
+            unreachable = session[0].unreachable_error() if session else None
+            if unreachable is not None:  # the server is down: the next stages would only fail too
+                raise unreachable
             return
         state.record(name, output, print_, summary)
 
@@ -177,9 +242,6 @@ def expand(
             return {"requests": summary.requests, "skipped": summary.skipped}
 
         stage("generations", paths[GENERATIONS], gen_print, run_generate)
-        if session:
-            result.llm = session[0].stats.as_dict()
-            result.failures = session[0].stats.failures
 
     # 4. filter -> instruction pool
     filter_print = fingerprint(
@@ -227,13 +289,11 @@ def expand(
     )
     stage("train", paths[TRAIN], assemble_print, run_assemble)
 
-    assembly_summary = state.summary("train")
-    result.report = build_report(out, config, result, assembly_summary, time.perf_counter() - started)
-    (out / REPORT).write_bytes(orjson.dumps(result.report, option=orjson.OPT_INDENT_2))
-    from instraug.report import write_report
 
-    write_report(out)
-    return result
+def _llm_use(result: ExpandResult, session: LLMSession) -> None:
+    result.llm = session.stats.as_dict()
+    result.failures = session.stats.failures
+    result.first_failure = session.first_failure
 
 
 def _samples(directory: Path, config: Config, templates: list[dict[str, Any]]) -> dict[str, Any]:
@@ -246,7 +306,17 @@ def _samples(directory: Path, config: Config, templates: list[dict[str, Any]]) -
 def build_report(
     out: Path, config: Config, result: ExpandResult, assembly: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
-    """report.json: funnel per rule and per task, achieved factor, LLM use, time."""
+    """report.json: what happened, funnel per rule and per task, achieved factor, LLM use, time."""
+    stages = {name: result.stages.get(name, "not run") for name in STAGES}
+    if result.error is not None:
+        # The outputs on disk are not (all) this run's: the report says what stopped it, no more.
+        return {
+            "outcome": _outcome(result, stages, {}),
+            "stages": stages,
+            "stopped": result.stopped,
+            "llm": result.llm,
+            "seconds": round(seconds, 2),
+        }
     originals: Counter[str] = Counter()
     for _line, row in read_jsonl(out / TEMPLATES):
         originals[row["task"]] += 1
@@ -273,7 +343,8 @@ def build_report(
         for task, entry in sorted(by_task.items())
     }
     return {
-        "stages": result.stages,
+        "outcome": _outcome(result, stages, funnel),
+        "stages": stages,
         "stopped": result.stopped,
         "templates": dict(sorted(originals.items())),
         "funnel": _plain(funnel),
@@ -283,6 +354,53 @@ def build_report(
         "assembly": assembly,
         "seconds": round(seconds, 2),
     }
+
+
+def _outcome(result: ExpandResult, stages: dict[str, str], funnel: dict[str, Any]) -> dict[str, Any]:
+    """How the run ended, its exit code, and a message that says so ("" for a run that met its plan)."""
+    if result.error is not None:
+        ran = [name for name, status in stages.items() if status != "not run"]
+        where = f"in stage {ran[-1]}" if ran and stages[ran[-1]] in ("failed", "incomplete") else "early"
+        code = result.error.exit_code
+        what = "The LLM could not be used; the run stopped" if code == 3 else "The run stopped"
+        return {"status": "failed", "exit_code": code, "message": f"{what} {where}: {result.error}"}
+    parts: list[str] = []
+    requests = int(result.llm.get("requests") or 0)
+    every_request_failed = bool(result.failures) and result.failures >= requests
+    if result.stopped:
+        parts.append(
+            f"Generation stopped early: {result.stopped}; the later stages ran on the answers so far, "
+            "and a re-run resumes from the cache."
+        )
+    if every_request_failed:
+        parts.append(
+            f"Every request failed: {result.failures} of {requests} requests failed after all retries "
+            f"(first error: {result.first_failure})."
+        )
+    elif result.failures:
+        parts.append(
+            f"{result.failures} of {requests} requests failed after all retries "
+            f"(first error: {result.first_failure}); they are rows with their error in {GENERATIONS}."
+        )
+    if result.failures:
+        parts.append("A re-run sends the failed requests again.")
+    if not funnel.get("kept"):
+        generated = funnel.get("generated", 0)
+        if not generated:
+            parts.append("No rephrasing was kept: no template was sent for rephrasing.")
+        elif every_request_failed:
+            parts.append("No rephrasing was kept.")
+        else:
+            reasons = sorted(funnel["rejected_by"].items(), key=lambda item: (-item[1], item[0]))
+            flagged = ", ".join(f"{reason} {n}" for reason, n in reasons)
+            parts.append(f"No rephrasing was kept: all {generated} rewrites were rejected ({flagged}).")
+    if result.stopped:
+        status, code = "stopped", EXIT_BUDGET_REACHED
+    elif result.failures:
+        status, code = "completed_with_failures", EXIT_COMPLETED_WITH_FAILURES
+    else:
+        status, code = "completed", 0
+    return {"status": status, "exit_code": code, "message": " ".join(parts)}
 
 
 def _plain(bucket: dict[str, Any]) -> dict[str, Any]:

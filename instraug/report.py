@@ -6,6 +6,7 @@ Everything is read from the run's files, so the same run directory always gives 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -17,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from instraug.errors import InputError, TemplateError
 from instraug.jsonl import atomic_binary, read_jsonl
 from instraug.placeholders import parse_template
 from instraug.stages.s3_filter import REASONS, FilterSummary, Verdict
 
 REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+PLOT_NAMES = ("funnel", "factor", "lengths")
 PLOTS_DIR = "report"
 PLOTS_EXTRA = "pip install 'instraug[report]'"
 BIN_WIDTH = 5  # words per histogram bin
@@ -129,6 +134,9 @@ class RunFacts:
     llm: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] | None = None
     train: Counter[str] | None = None  # instruction_origin -> training rows
+    outcome: str = ""  # how the last `instraug expand` ended, when it was not simply as planned
+    failed: bool = False  # an error stopped that run: its outputs are not all there, or not its own
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> what that run did with it
 
     @property
     def tasks(self) -> list[str]:
@@ -138,34 +146,54 @@ class RunFacts:
         return {"original": self.original.lengths, "generated": self.generated.lengths}
 
 
-def read_run(run_dir: Path) -> RunFacts:
-    """Read the funnel, pool, training set, report.json and cache of a run directory."""
-    for name in ("templates.jsonl", "generations.jsonl", "instructions.jsonl"):
-        if not (run_dir / name).is_file():
-            raise InputError(f"not a run directory: no {name} (run `instraug expand` first)", run_dir)
+def read_run(run_dir: Path, summary: dict[str, Any] | None = None) -> RunFacts:
+    """Read the funnel, pool, training set, report.json (or `summary`) and cache of a run directory."""
+    if summary is None:
+        summary = _read_summary(run_dir / REPORT_JSON)
     facts = RunFacts(run_dir.resolve().name)
-    for _line, row in read_jsonl(run_dir / "templates.jsonl"):
-        facts.originals[row["task"]] += 1
-    _read_generations(run_dir / "generations.jsonl", facts)
-    _read_pool(run_dir / "instructions.jsonl", facts)
-    report = run_dir / "report.json"
-    if report.is_file():
-        try:
-            summary = json.loads(report.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise InputError(f"malformed JSON: {exc}", report) from None
-        facts.llm = dict(summary.get("llm") or {})
-        facts.target_factor = _target_factor(summary)
+    outcome = summary.get("outcome")
+    if isinstance(outcome, dict):
+        facts.outcome = str(outcome.get("message") or "")
+        facts.failed = outcome.get("status") == "failed"
+    stages = summary.get("stages")
+    facts.stages = {str(k): str(v) for k, v in stages.items()} if isinstance(stages, dict) else {}
+    facts.llm = dict(summary.get("llm") or {})
+    facts.target_factor = _target_factor(summary)
+    if not facts.failed:
+        _read_outputs(run_dir, facts)
     if (run_dir / "cache.sqlite").is_file():
         from instraug.llm.cache import ResponseCache
 
         with ResponseCache(run_dir / "cache.sqlite") as cache:
             facts.cache = cache.stats()
+    return facts
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """report.json, or {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"malformed JSON: {exc}", path) from None
+    if not isinstance(summary, dict):
+        raise InputError("malformed report: not a JSON object", path)
+    return summary
+
+
+def _read_outputs(run_dir: Path, facts: RunFacts) -> None:
+    for name in ("templates.jsonl", "generations.jsonl", "instructions.jsonl"):
+        if not (run_dir / name).is_file():
+            raise InputError(f"not a run directory: no {name} (run `instraug expand` first)", run_dir)
+    for _line, row in read_jsonl(run_dir / "templates.jsonl"):
+        facts.originals[row["task"]] += 1
+    _read_generations(run_dir / "generations.jsonl", facts)
+    _read_pool(run_dir / "instructions.jsonl", facts)
     if (run_dir / "train.jsonl").is_file():
         facts.train = Counter(
             str(row.get("instruction_origin")) for _l, row in read_jsonl(run_dir / "train.jsonl")
         )
-    return facts
 
 
 def _read_generations(path: Path, facts: RunFacts) -> None:
@@ -219,28 +247,51 @@ def _target_factor(summary: dict[str, Any]) -> int | None:
 # report.md
 
 
-def write_report(run_dir: Path, *, plots: bool = True) -> Path:
-    """Write RUN_DIR/report.md (and RUN_DIR/report/*.png when `plots` and matplotlib allow)."""
+def write_report(run_dir: Path, *, plots: bool = True, summary: dict[str, Any] | None = None) -> Path:
+    """Write RUN_DIR/report.md (and RUN_DIR/report/*.png when `plots` and matplotlib allow).
+
+    With `summary` (what `instraug expand` just did), RUN_DIR/report.json is written with it, and the
+    two files are replaced together: report.md is rendered first, and when it cannot be, the old
+    report.md is removed rather than left describing an earlier run than report.json.
+    """
     run_dir = Path(run_dir)
-    facts = read_run(run_dir)
-    images: dict[str, str] = {}
-    if not plots:
-        note = "Plots: not drawn (turned off)."
-    else:
-        try:
-            images = draw_plots(facts, run_dir / PLOTS_DIR)
-            note = ""
-        except ImportError:
-            note = f"Plots: not drawn, they need matplotlib, the report extra: `{PLOTS_EXTRA}`."
     path = run_dir / REPORT_MD
+    try:
+        facts = read_run(run_dir, summary)
+        images: dict[str, str] = {}
+        if not plots:
+            note = "Plots: not drawn (turned off)."
+        elif facts.failed:
+            note = ""
+            _remove_plots(run_dir / PLOTS_DIR, keep=())
+        else:
+            try:
+                images = draw_plots(facts, run_dir / PLOTS_DIR)
+                _remove_plots(run_dir / PLOTS_DIR, keep=images)
+                note = ""
+            except ImportError:
+                note = f"Plots: not drawn, they need matplotlib, the report extra: `{PLOTS_EXTRA}`."
+        markdown = render_markdown(facts, images, note).encode("utf-8")
+    except BaseException:
+        if summary is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    if summary is not None:
+        with atomic_binary(run_dir / REPORT_JSON) as fp:
+            fp.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     with atomic_binary(path) as fp:
-        fp.write(render_markdown(facts, images, note).encode("utf-8"))
+        fp.write(markdown)
     return path
 
 
 def render_markdown(facts: RunFacts, images: dict[str, str], note: str = "") -> str:
     """The whole report.md: tables always, image links for the plots that were drawn."""
     out: list[str] = [f"# instraug run report: {facts.name}", ""]
+    if facts.outcome:
+        out += [f"Outcome: {facts.outcome}", ""]
+    if facts.failed:
+        return "\n".join([*out, *_stages_section(facts), *_llm_section(facts)]).rstrip("\n") + "\n"
     out += _summary(facts)
     if note:
         out += [note, ""]
@@ -249,6 +300,19 @@ def render_markdown(facts: RunFacts, images: dict[str, str], note: str = "") -> 
     out += _length_section(facts) + _image(images, "lengths")
     out += _diversity_section(facts) + _llm_section(facts)
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _stages_section(facts: RunFacts) -> list[str]:
+    rows = [[name, status] for name, status in facts.stages.items()]
+    return [
+        "## Stages",
+        "",
+        "What this run did with each stage. The files of the stages that did not run to the end are "
+        "an earlier run's, or missing; the funnel, factors and lengths are reported once a run ends.",
+        "",
+        *_table(["stage", "this run"], rows, "ll"),
+        "",
+    ]
 
 
 def _summary(facts: RunFacts) -> list[str]:
@@ -324,8 +388,11 @@ def _factor_section(facts: RunFacts) -> list[str]:
 def _length_section(facts: RunFacts) -> list[str]:
     stats = []
     for name, v in facts.lengths().items():
-        shape = (f"{statistics.mean(v):.1f}", f"{statistics.median(v):g}", str(min(v)), str(max(v)))
-        stats.append([name, str(len(v)), *(shape if v else ("",) * 4)])
+        if v:  # no generated instruction (nothing kept) is a row of n/a, not an error
+            shape = [f"{statistics.mean(v):.1f}", f"{statistics.median(v):g}", str(min(v)), str(max(v))]
+        else:
+            shape = ["n/a", "n/a", "n/a", "n/a"]
+        stats.append([name, str(len(v)), *shape])
     labels, shares = length_histogram(facts)
     rows = [
         [label, *(f"{counts[i]} ({_pct(counts[i], sum(counts))})" for counts in shares.values())]
@@ -511,6 +578,13 @@ def draw_plots(facts: RunFacts, folder: Path) -> dict[str, str]:
         ax.legend()
         drawn["lengths"] = save(fig, "lengths")
     return drawn
+
+
+def _remove_plots(folder: Path, keep: Iterable[str]) -> None:
+    """Delete the PNGs not drawn this time: they would show an earlier run."""
+    for name in set(PLOT_NAMES) - set(keep):
+        with contextlib.suppress(OSError):
+            (folder / f"{name}.png").unlink()
 
 
 _PALETTE = (

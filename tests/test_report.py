@@ -381,3 +381,76 @@ def test_cli_report(tmp_path: Path, cli: Callable[..., Result], monkeypatch: pyt
     assert missing.exit_code == 2
     reason = "not a run directory: no templates.jsonl (run `instraug expand` first)"
     assert missing.stderr == f"Error: {tmp_path / 'nowhere'}: {reason}\n"
+
+
+def drop_generated_instructions(run: Path) -> None:
+    pool = [json.loads(line) for line in (run / "instructions.jsonl").read_text().splitlines()]
+    write_jsonl(run / "instructions.jsonl", [row for row in pool if row["origin"] == "original"])
+
+
+def test_a_run_that_kept_nothing_gets_a_complete_report(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    rows = [generation("vqa", "vqa/0", n, ["banned_pattern"], None) for n in range(3)]
+    write_jsonl(run / "generations.jsonl", rows)
+    drop_generated_instructions(run)
+    markdown = write_report(run, plots=False).read_text()
+    assert "- LLM rewrites judged: 3; kept: 0 (0.0%)\n" in markdown
+    stats = {cells[0]: cells[1:] for cells in table(markdown, "## Instruction length (words)")}
+    assert stats["generated"] == ["0", "n/a", "n/a", "n/a", "n/a"]
+    rows_ = {cells[0]: cells[1:] for cells in table(markdown, "## Lexical diversity")}
+    assert rows_["generated"] == ["0", "0", "n/a", "n/a", "n/a"]
+    assert "Mean Jaccard of a generated instruction to its original: n/a." in markdown
+
+
+def test_the_outcome_of_the_run_heads_the_report(tmp_path: Path) -> None:
+    outcome = {"status": "completed", "exit_code": 0, "message": "No rephrasing was kept: all 3 rewrites"}
+    run = make_run(tmp_path / "run", report_json={**REPORT_JSON, "outcome": outcome})
+    markdown = write_report(run, plots=False).read_text()
+    assert markdown.startswith(f"# instraug run report: run\n\nOutcome: {outcome['message']}\n\n## Summary\n")
+
+
+def test_a_run_stopped_by_an_error_reports_what_each_stage_did(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {
+        "outcome": {"status": "failed", "exit_code": 3, "message": "The LLM could not be used: it is down"},
+        "stages": {"templates": "ran", "meta_prompts": "failed", "generations": "not run"},
+        "llm": LLM,
+    }
+    markdown = write_report(run, plots=False, summary=summary).read_text()
+    assert json.loads((run / "report.json").read_text()) == summary
+    assert markdown.startswith(
+        "# instraug run report: run\n\nOutcome: The LLM could not be used: it is down\n\n## Stages\n"
+    )
+    assert table(markdown, "## Stages") == [
+        ["templates", "ran"],
+        ["meta_prompts", "failed"],
+        ["generations", "not run"],
+    ]
+    assert dict(table(markdown, "## LLM use"))["failures"] == "1"
+    assert "## Filter funnel" not in markdown
+    assert write_report(run, plots=False).read_text() == markdown  # `instraug report` says the same
+
+
+def test_a_report_that_cannot_be_written_leaves_no_report_md_of_an_earlier_run(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", report_json=REPORT_JSON)
+    write_report(run, plots=False)
+    old_json = (run / "report.json").read_bytes()
+    with open(run / "generations.jsonl", "a") as fp:
+        fp.write("{not json\n")
+    with pytest.raises(InputError):
+        write_report(run, plots=False, summary={**REPORT_JSON, "outcome": {"status": "completed"}})
+    assert not (run / "report.md").exists()
+    assert (run / "report.json").read_bytes() == old_json  # neither file describes the new run
+
+
+@needs_matplotlib
+def test_plots_of_an_earlier_run_are_removed_when_not_drawn_again(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", report_json=REPORT_JSON)
+    write_report(run)
+    assert (run / "report" / "funnel.png").is_file()
+    write_jsonl(run / "generations.jsonl", [])
+    drop_generated_instructions(run)
+    markdown = write_report(run).read_text()
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["lengths.png"]
+    assert "![funnel]" not in markdown and "![lengths](report/lengths.png)" in markdown

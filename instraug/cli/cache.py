@@ -85,6 +85,6 @@ def import_(
 
     path = _cache_path(cache, config, must_exist=False)
     refuse_output_over_inputs(path, [source, config], "--cache")
-    with ResponseCache(path) as store:
+    with ResponseCache(path, writer=True) as store:  # one writer at a time, like a run
         added, present = store.import_rows(read_jsonl(source), source)
     info(f"{added} responses added to {path}, {present} already there", quiet)

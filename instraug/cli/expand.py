@@ -33,7 +33,6 @@ def expand(
 ) -> None:
     """Run every stage (meta-prompts, generation, filters, assembly); redo only what changed."""
     from instraug.config import load_config
-    from instraug.errors import EXIT_BUDGET_REACHED, EXIT_COMPLETED_WITH_FAILURES
     from instraug.expand import expand as run_expand
 
     settings = load_config(config)
@@ -63,8 +62,9 @@ def expand(
         info(f"  {task}: factor {entry['achieved_factor']} of {entry['target_factor']}{flag}", quiet)
     written = report["assembly"].get("written")
     info(f"{written} training instances -> {output / 'train.jsonl'}; report: {output / 'report.md'}", quiet)
-    if result.stopped:
-        info(f"stopped early: {result.stopped}; everything so far is kept, run again to resume", quiet)
-        raise typer.Exit(EXIT_BUDGET_REACHED)
-    if result.failures:
-        raise typer.Exit(EXIT_COMPLETED_WITH_FAILURES)
+    outcome = report["outcome"]
+    if outcome["message"]:
+        # failure rows (exit 4) and a budget stop (exit 5) are said even with --quiet
+        info(outcome["message"], quiet and not outcome["exit_code"])
+    if outcome["exit_code"]:  # errors (exit 2 and 3) are raised, with their report written
+        raise typer.Exit(outcome["exit_code"])

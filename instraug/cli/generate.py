@@ -83,6 +83,9 @@ def generate(
             f"  {task}: {entry['kept']} kept for {entry['templates']} templates = {entry['factor']}{short}",
             quiet,
         )
+    unreachable = llm.unreachable_error()
+    if unreachable is not None:  # exit 3: the server is down, not this or that request
+        raise unreachable
     if failures:
         info(f"{failures} requests failed after retries", quiet)
         raise typer.Exit(EXIT_COMPLETED_WITH_FAILURES)
