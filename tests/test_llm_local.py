@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from llm_fixtures import LOCAL_EXTRA_MISSING, alive, chat, child_env, llama_server_pids
+from processes import Spawner, sigint, spawn_fixture  # noqa: F401 - the spawn fixture is found by its name
 
 from instraug.config import LLMConfig
 from instraug.errors import LLMError
@@ -119,9 +120,9 @@ def test_n_above_one_refills_the_samples_llama_cpp_does_not_return_and_errors_st
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
-def test_a_signalled_instraug_run_leaves_no_server(sig: signal.Signals) -> None:
+def test_a_signalled_instraug_run_leaves_no_server(sig: signal.Signals, spawn: Spawner) -> None:
     script = [sys.executable, __file__, "400"]
-    run = subprocess.Popen(script, env=child_env(), stdout=subprocess.PIPE, text=True)
+    run = spawn(script, env=child_env(), stdout=subprocess.PIPE, text=True)
     assert run.stdout is not None
     pid = int(run.stdout.readline().split()[-1])  # "server <pid>"
     assert alive(pid) and run.stdout.readline().startswith("answer")
@@ -132,28 +133,54 @@ def test_a_signalled_instraug_run_leaves_no_server(sig: signal.Signals) -> None:
     assert wait_gone(pid), f"llama_cpp.server {pid} survived {sig.name} to instraug"
 
 
-def test_instraug_serve_prints_a_base_url_the_openai_backend_can_use() -> None:
-    serve = subprocess.Popen(
+def test_instraug_serve_prints_a_base_url_the_openai_backend_can_use_and_ctrl_c_stops_it(
+    spawn: Spawner,
+) -> None:
+    # SIGINT as in a terminal, whatever this test inherited (a background job inherits it ignored)
+    serve = spawn(
         [sys.executable, "-m", "instraug", "serve", "--quiet"],
+        preexec_fn=sigint(signal.SIG_DFL),
         env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
-        assert serve.stdout is not None
-        base_url = serve.stdout.readline().strip()
-        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
-        [pid] = children_running_llama(serve.pid)
-        config = LLMConfig(backend="openai", base_url=base_url, model="SmolLM2-135M-Instruct.Q4_1.gguf")
-        with open_llm(config, cache_path=None, quiet=True) as llm:
-            completions = list(
-                llm.run([chat(f"Rephrase: 'Count the dogs.' ({i})", **SHORT) for i in range(2)])
-            )
-        assert all(c.error is None and c.text is not None for c in completions)
-    finally:
-        serve.send_signal(signal.SIGINT)
-        assert serve.wait(timeout=30) == 0
+    assert serve.stdout is not None
+    base_url = serve.stdout.readline().strip()
+    assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+    [pid] = children_running_llama(serve.pid)
+    config = LLMConfig(backend="openai", base_url=base_url, model="SmolLM2-135M-Instruct.Q4_1.gguf")
+    with open_llm(config, cache_path=None, quiet=True) as llm:
+        completions = list(llm.run([chat(f"Rephrase: 'Count the dogs.' ({i})", **SHORT) for i in range(2)]))
+    assert all(c.error is None and c.text is not None for c in completions)
+    serve.send_signal(signal.SIGINT)
+    assert serve.wait(timeout=30) == 0
     assert wait_gone(pid)
+
+
+def test_instraug_serve_started_as_a_background_job_stops_on_sigterm(spawn: Spawner, tmp_path: Path) -> None:
+    """A shell starts a background job with SIGINT ignored; serve keeps it so and stops on SIGTERM."""
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as stderr:
+        serve = spawn(
+            [sys.executable, "-m", "instraug", "serve"],
+            preexec_fn=sigint(signal.SIG_IGN),
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    assert serve.stdout is not None
+    assert serve.stdout.readline().startswith("http://127.0.0.1:")
+    [pid] = children_running_llama(serve.pid)
+    serve.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        serve.wait(timeout=1)  # ignored, as the shell asked
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(timeout=30) == 0
+    assert wait_gone(pid)
+    lines = errors.read_text().splitlines()
+    assert f"SIGINT is ignored here (as in a background job): stop it with `kill {serve.pid}`" in lines
+    assert "stopped" in lines
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_output(tmp_path: Path) -> None:
