@@ -80,7 +80,9 @@ def expand(
             _run_stages(directory, out, config, result, offline, quiet, cache_path, log)
         except InstraugError as exc:
             result.error = exc
-            _finish(out, config, result, time.perf_counter() - started)
+            # the error is what the user must see; a report that cannot be written must not hide it
+            with contextlib.suppress(InstraugError, OSError):
+                _finish(out, config, result, time.perf_counter() - started)
             raise
         _finish(out, config, result, time.perf_counter() - started)
     return result
