@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instraug.errors import InputError, LLMError
-from instraug.llm.cache import DEFAULT_CACHE_PATH, key_of, open_wal_database
+from instraug.llm.cache import key_of, open_wal_database
+from instraug.rundir import DEFAULT_CACHE_PATH
 
 if TYPE_CHECKING:
     from instraug.config import SemanticConfig

@@ -20,19 +20,22 @@ from instraug.errors import (
 from instraug.jsonl import read_jsonl, write_jsonl
 from instraug.locks import run_dir_lock
 from instraug.multiinstruct import import_templates, instance_files, read_instances
-from instraug.runstate import RunState, file_digest, fingerprint
+from instraug.rundir import (
+    GENERATIONS,
+    INSTRUCTIONS,
+    META_PROMPTS,
+    REJECTED,
+    TEMPLATES,
+    TRAIN,
+    RunState,
+    file_digest,
+    fingerprint,
+)
+from instraug.rundir import cache_path as cache_file
 
 if TYPE_CHECKING:
     from instraug.llm import LLMSession
 
-TEMPLATES = "templates.jsonl"
-META_PROMPTS = "meta_prompts.jsonl"
-GENERATIONS = "generations.jsonl"
-INSTRUCTIONS = "instructions.jsonl"
-REJECTED = "rejected.jsonl"
-TRAIN = "train.jsonl"
-REPORT = "report.json"
-CACHE = "cache.sqlite"
 STAGES = ("templates", "meta_prompts", "generations", "instructions", "train")
 
 
@@ -173,7 +176,7 @@ def _run_stages(
             if not session:
                 from instraug.llm import open_llm
 
-                path = cache_path or (Path(config.llm.cache_path) if config.llm.cache_path else out / CACHE)
+                path = cache_file(cache_path, config.llm.cache_path, out)
                 session.append(
                     stack.enter_context(open_llm(config.llm, cache_path=path, offline=offline, quiet=quiet))
                 )
@@ -433,7 +436,7 @@ def estimate_run(
         metas = curated[: config.meta_prompts.count]
         meta_note = "the direct and curated meta-prompts (bootstrapped ones are not known yet)"
     bootstrap = int(config.meta_prompts.bootstrap and config.meta_prompts.merge != "curated")
-    path = cache_path or (Path(config.llm.cache_path) if config.llm.cache_path else out / CACHE)
+    path = cache_file(cache_path, config.llm.cache_path, out)
     model = get_backend(config.llm.backend).resolve_model(config.llm)
 
     def cached(requests: list[Any]) -> int:

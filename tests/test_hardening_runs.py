@@ -26,7 +26,7 @@ from typer.testing import CliRunner, Result
 from instraug.cli import app
 from instraug.errors import InputError
 from instraug.locks import run_dir_lock
-from instraug.runstate import STATE_FILE, RunState
+from instraug.rundir import STATE_FILE, RunState
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "multiinstruct-mini"

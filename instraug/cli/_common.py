@@ -142,5 +142,9 @@ OfflineOption = Annotated[
 ]
 CacheOption = Annotated[
     Path | None,
-    typer.Option("--cache", help="Response cache (SQLite) [config: llm.cache_path]."),
+    typer.Option(
+        "--cache",
+        help="Response cache: an SQLite file, or a run directory (its cache.sqlite) [config: llm.cache_path; "
+        "default: RUN_DIR/cache.sqlite for expand and in a run directory, else .instraug/llm-cache.sqlite].",
+    ),
 ]

@@ -8,24 +8,26 @@ from typing import Annotated
 
 import typer
 
-from instraug.cli._common import ConfigOption, QuietOption, info, refuse_output_over_inputs, reports_errors
+from instraug.cli._common import (
+    CacheOption,
+    ConfigOption,
+    QuietOption,
+    info,
+    refuse_output_over_inputs,
+    reports_errors,
+)
 
 app = typer.Typer(help="Inspect, export and import the LLM response cache.", no_args_is_help=True)
-
-CacheOption = Annotated[
-    Path | None,
-    typer.Option("--cache", help="Cache file [config: llm.cache_path; default: .instraug/llm-cache.sqlite]."),
-]
 
 
 def _cache_path(cache: Path | None, config: Path | None, must_exist: bool) -> Path:
     from instraug.config import load_config
     from instraug.errors import InputError
-    from instraug.llm.cache import resolve_cache_path
+    from instraug.rundir import cache_path
 
-    path = resolve_cache_path(load_config(config).llm.cache_path if cache is None else None, cache)
+    path = cache_path(cache, load_config(config).llm.cache_path if cache is None else None)
     if must_exist and not path.is_file():
-        raise InputError("no LLM cache here (give --cache or set llm.cache_path)", path)
+        raise InputError("no LLM cache here (give --cache FILE or RUN_DIR, or set llm.cache_path)", path)
     return path
 
 

@@ -41,8 +41,8 @@ def generate(
     from instraug.config import load_config
     from instraug.jsonl import read_jsonl, write_jsonl
     from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, open_llm
-    from instraug.llm.cache import resolve_cache_path
     from instraug.records import MetaPrompt
+    from instraug.rundir import cache_path
     from instraug.stages.s1_meta_prompts import load_seeds
     from instraug.stages.s2_generate import GenerationSummary
     from instraug.stages.s2_generate import generate as generate_rows
@@ -50,7 +50,7 @@ def generate(
 
     only_one_stdin(("--templates", templates), ("--meta-prompts", meta_prompts), ("--instances", instances))
     settings = load_config(config)
-    path = resolve_cache_path(settings.llm.cache_path, cache)
+    path = cache_path(cache, settings.llm.cache_path)
     inputs = [templates, meta_prompts, config, path, *instance_inputs(instances, settings.assembly.split)]
     refuse_output_over_inputs(output, inputs)
     rows = [row for _line, row in read_jsonl(templates)]

@@ -28,11 +28,11 @@ def meta_prompts(
 
     from instraug.config import load_config
     from instraug.jsonl import write_jsonl
-    from instraug.llm.cache import resolve_cache_path
+    from instraug.rundir import cache_path as resolve_cache_path
     from instraug.stages.s1_meta_prompts import SEEDS_FILE, build_meta_prompts, default_directory, load_seeds
 
     settings = load_config(config)
-    cache_path = resolve_cache_path(settings.llm.cache_path, cache)
+    cache_path = resolve_cache_path(cache, settings.llm.cache_path)
     seeds_file = Path(settings.meta_prompts.directory or default_directory()) / SEEDS_FILE
     refuse_output_over_inputs(output, [config, cache_path, seeds_file])
     seeds = load_seeds(settings.meta_prompts.directory)

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from instraug.llm.base import ChatRequest
     from instraug.locks import WriterLock
 
-#: Where the cache lives when neither the command line nor `llm.cache_path` says.
-DEFAULT_CACHE_PATH = Path(".instraug") / "llm-cache.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -62,13 +60,6 @@ def key_of(fields: dict[str, Any]) -> str:
 def request_key(model: str, request: ChatRequest, seed: int) -> str:
     """The cache key of one request sent to `model` with `seed`."""
     return key_of(keyed_fields(model, request, seed))
-
-
-def resolve_cache_path(configured: str | None, override: str | Path | None = None) -> Path:
-    """The cache file to use: the command-line value, else `llm.cache_path`, else the default."""
-    if override is not None:
-        return Path(override)
-    return Path(configured) if configured else DEFAULT_CACHE_PATH
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Stage fingerprints of a run directory, so a re-run redoes only what its inputs changed."""
+"""A run directory: its file names, the stage fingerprints that let a re-run redo only what changed,
+its lock, and the one rule that says which response cache a command uses."""
 
 from __future__ import annotations
 
@@ -13,8 +14,47 @@ from typing import Any
 import orjson
 
 from instraug import __version__
+from instraug.locks import run_dir_lock  # noqa: F401  (one writer per run directory)
 
+# The files of a run directory (`instraug expand -o RUN_DIR`).
+TEMPLATES = "templates.jsonl"
+META_PROMPTS = "meta_prompts.jsonl"
+GENERATIONS = "generations.jsonl"
+INSTRUCTIONS = "instructions.jsonl"
+REJECTED = "rejected.jsonl"
+TRAIN = "train.jsonl"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOTS = "report"
+CACHE = "cache.sqlite"
 STATE_FILE = ".instraug-state.json"
+
+#: The response cache of a command run outside any run directory.
+DEFAULT_CACHE_PATH = Path(".instraug") / "llm-cache.sqlite"
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when `path` is a directory `instraug expand` wrote."""
+    return (path / STATE_FILE).is_file()
+
+
+def cache_path(
+    override: str | Path | None = None, configured: str | None = None, run_dir: Path | None = None
+) -> Path:
+    """The response cache a command uses; every command asks here.
+
+    `--cache` (a file, or a run directory: its cache), else `llm.cache_path`, else the run
+    directory's cache (`expand`; other commands: the current directory when it is a run
+    directory), else `.instraug/llm-cache.sqlite`.
+    """
+    if override is not None:
+        path = Path(override)
+        return path / CACHE if path.is_dir() else path
+    if configured:
+        return Path(configured)
+    if run_dir is None and is_run_dir(Path.cwd()):
+        return Path(CACHE)
+    return run_dir / CACHE if run_dir is not None else DEFAULT_CACHE_PATH
 
 
 def file_digest(path: str | Path) -> str:
