@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from instraug.errors import ConfigError
+from instraug.errors import ConfigError, validation_key, validation_message
 
 #: The built-in `llm.backend` names; instraug.llm registers a backend class under each (a test
 #: keeps the two equal). Known here so that loading a config does not import the LLM clients.
@@ -252,9 +252,8 @@ def load_config(path: str | Path | None) -> Config:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        key_path = ".".join(str(p) for p in loc)
         line, node = _locate(root, loc)
-        raise ConfigError(f"{key_path}: {_reason(err, loc, node)}", name, line) from None
+        raise ConfigError(f"{validation_key(err)}: {_reason(err, loc, node)}", name, line) from None
     _check_backends(config, root, name)
     return config
 
@@ -396,8 +395,7 @@ def _reason(err: Any, loc: tuple[Any, ...], node: yaml.Node | None = None) -> st
         return "is required"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
-    msg = str(err["msg"])
-    return msg.replace("Input should be", "must be").replace("Value error, ", "")
+    return validation_message(err)
 
 
 def _describe(value: Any, source: str | None) -> str:

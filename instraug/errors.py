@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic is not imported here: every command imports this module
+    from pydantic import ValidationError
+    from pydantic_core import ErrorDetails
 
 #: Exit code of a run that finished with failure rows (requests that exhausted their retries).
 EXIT_COMPLETED_WITH_FAILURES = 4
@@ -50,3 +55,21 @@ class CacheMissError(InstraugError):
     """--offline was given and a request is not in the cache."""
 
     exit_code = 3
+
+
+def validation_key(error: ErrorDetails) -> str:
+    """Where pydantic found a problem, as a key path: `strategies.0.id`."""
+    return ".".join(str(part) for part in error["loc"])
+
+
+def validation_message(error: ErrorDetails) -> str:
+    """Pydantic's message, worded as instraug words its own: `must be a valid string`."""
+    return str(error["msg"]).replace("Input should be", "must be").replace("Value error, ", "")
+
+
+def validation_reason(exc: ValidationError, missing: str | None = None) -> str:
+    """`key.path: reason` for the first problem pydantic found; `missing` words a missing key."""
+    error = exc.errors()[0]
+    reason = missing if missing is not None and error["type"] == "missing" else validation_message(error)
+    key = validation_key(error)
+    return f"{key}: {reason}" if key else reason

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from instraug.errors import InputError, TemplateError
+from instraug.errors import InputError, TemplateError, validation_reason
 from instraug.jsonl import read_jsonl
 from instraug.multiinstruct import CONSTANTS, VariantSelector, derived_names
 from instraug.placeholders import CompiledTemplate
@@ -95,6 +95,9 @@ class InstructionPool:
         return None
 
 
+_POOL_ROW_MISSING = "missing (a pool row needs task, instruction_id, template, origin, root_id)"
+
+
 def _validated(
     rows: Iterable[tuple[int, dict[str, Any]]], name: str
 ) -> Iterable[tuple[str, int, Instruction]]:
@@ -102,9 +105,4 @@ def _validated(
         try:
             yield name, line, Instruction.model_validate(raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            msg = str(err["msg"]).replace("Input should be", "must be")
-            if err["type"] == "missing":
-                msg = "missing (a pool row needs task, instruction_id, template, origin, root_id)"
-            raise InputError(f"{key}: {msg}", name, line) from None
+            raise InputError(validation_reason(exc, missing=_POOL_ROW_MISSING), name, line) from None

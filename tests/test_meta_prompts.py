@@ -247,9 +247,11 @@ GOOD_SEEDS = {"direct": "d", "bootstrap": "b {n}", "keep_tokens": "k {tokens}", 
             yaml.safe_dump({**GOOD_SEEDS, "strategies": [{"id": "x y", "text": "t"}]}),
             ": strategies.0.id: String should match pattern '^[A-Za-z0-9_.-]+$'\n",
         ),
+        (yaml.safe_dump({**GOOD_SEEDS, "direct": 5}), ": direct: must be a valid string\n"),
+        (yaml.safe_dump(["direct"]), ": must be a valid dictionary or instance of Seeds\n"),
         ("direct: [unclosed\n", ":2: YAML syntax error: "),
     ],
-    ids=["unknown-key", "missing-key", "bad-strategy-id", "yaml-syntax"],
+    ids=["unknown-key", "missing-key", "bad-strategy-id", "not-a-string", "not-a-mapping", "yaml-syntax"],
 )
 def test_cli_bad_seeds_is_an_error_naming_the_file(
     cli: CLI, tmp_path: Path, content: str, message: str

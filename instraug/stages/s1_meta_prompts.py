@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from instraug.config import MetaPromptConfig, SamplingConfig
-from instraug.errors import ConfigError
+from instraug.errors import ConfigError, validation_reason
 from instraug.records import MetaPrompt
 
 if TYPE_CHECKING:
@@ -66,9 +66,7 @@ def load_seeds(directory: str | Path | None = None) -> Seeds:
     try:
         return Seeds.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{key}: {err['msg']}", path) from None
+        raise ConfigError(validation_reason(exc), path) from None
 
 
 _MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|[-*•+]|[a-zA-Z][.)])\s+")

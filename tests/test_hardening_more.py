@@ -1,0 +1,108 @@
+"""More hardening: stage 1 with the server down, an empty or bad meta-prompts file, pydantic errors
+worded once, and the temporary folders a killed `export --format hf` leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fake_openai_server import ScriptedOpenAIServer
+from processes import Spawner, spawn_fixture  # noqa: F401 - the spawn fixture is found by its name
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typer.testing import CliRunner, Result
+
+from instraug.cli import app
+from instraug.errors import validation_reason
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parent / "examples" / "multiinstruct-mini"
+KEY_ENV = "INSTRAUG_TEST_HARDENING_KEY"
+ENV = {KEY_ENV: "sk-test-hardening", "INSTRAUG_DEBUG": None}
+
+
+def instraug(*args: str | Path, input: str | None = None) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args], env=ENV, input=input)
+
+
+def write_config(path: Path, url: str, **meta_prompts: Any) -> Path:
+    settings = {
+        "llm": {
+            "backend": "openai",
+            "base_url": url,
+            "model": "fake",
+            "api_key_env": KEY_ENV,
+            "max_retries": 1,
+            "retry_initial_wait": 0,
+            "retry_max_wait": 0,
+        },
+        "meta_prompts": {"count": 3, "bootstrap_count": 3, **meta_prompts},
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def closed_url() -> str:
+    """An address nothing listens on."""
+    with ScriptedOpenAIServer() as gone:
+        return gone.url
+
+
+# --------------------------------------------------------------------------------------------
+# validation_reason: pydantic's first error as `key.path: reason`
+
+
+class Inner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[a-z]+$")
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    count: int = 0
+    items: list[Inner] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_both_empty(self) -> Outer:
+        if not self.name and not self.items:
+            raise ValueError("a name or an item is needed")
+        return self
+
+
+def reason(data: Any, missing: str | None = None) -> str:
+    with pytest.raises(ValidationError) as error:
+        Outer.model_validate(data)
+    return validation_reason(error.value, missing)
+
+
+@pytest.mark.parametrize(
+    ("data", "missing", "expected"),
+    [
+        (
+            {"name": "n", "items": [{"id": "ok"}, {"id": "Not OK"}]},
+            None,
+            "items.1.id: String should match pattern '^[a-z]+$'",
+        ),
+        (
+            {"name": "n", "count": "many"},
+            None,
+            "count: must be a valid integer, unable to parse string as an integer",
+        ),
+        ({}, None, "name: Field required"),
+        ({}, "missing (a row needs a name)", "name: missing (a row needs a name)"),
+        ({"name": "n", "surprise": 1}, "missing (unused)", "surprise: Extra inputs are not permitted"),
+        ({"name": ""}, None, "a name or an item is needed"),
+    ],
+    ids=[
+        "nested-key-path",
+        "must-be",
+        "missing",
+        "missing-worded",
+        "other-errors-keep-their-words",
+        "no-key",
+    ],
+)
+def test_validation_reason(data: Any, missing: str | None, expected: str) -> None:
+    assert reason(data, missing) == expected
