@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instraug.errors import InputError, LLMError
-from instraug.llm.cache import key_of, open_wal_database
 from instraug.rundir import DEFAULT_CACHE_PATH
+from instraug.sqlite import key_of, open_wal_database
 
 if TYPE_CHECKING:
     from instraug.config import SemanticConfig

@@ -14,8 +14,8 @@ from llm_fixtures import chat
 from typer.testing import CliRunner
 
 from instraug.cli import app
-from instraug.llm.base import ChatRequest
-from instraug.llm.cache import ResponseCache, keyed_fields, request_key
+from instraug.llm.base import ChatRequest, keyed_fields, request_key
+from instraug.llm.cache import ResponseCache
 
 runner = CliRunner()
 

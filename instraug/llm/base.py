@@ -1,4 +1,8 @@
-"""The backend interface (chat requests in, completions out as they arrive) and its name registry."""
+"""A chat request and its identity (the cache key), the backend interface, and its name registry.
+
+A backend takes chat requests and yields completions as they arrive; the key of a request is the
+sha256 of the canonical JSON of everything that determines its answer.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from instraug.errors import LLMError
-from instraug.llm.cache import key_of, keyed_fields
+from instraug.sqlite import key_of
 
 if TYPE_CHECKING:
     from instraug.config import LLMConfig
@@ -37,6 +41,31 @@ class ChatRequest:
             and self.max_tokens == other.max_tokens
             and self.stop == other.stop
         )
+
+
+def keyed_fields(model: str, request: ChatRequest, seed: int) -> dict[str, Any]:
+    """Everything that determines a response, and nothing else."""
+    return {
+        "model": model,
+        "messages": [[role, content] for role, content in request.messages],
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "stop": list(request.stop),
+        "seed": seed,
+        "sample_index": request.sample_index,
+    }
+
+
+def request_key(model: str, request: ChatRequest, seed: int) -> str:
+    """The cache key of one request sent to `model` with `seed`."""
+    return key_of(keyed_fields(model, request, seed))
+
+
+def derive_seed(seed: int, sample_index: int) -> int:
+    """The per-sample seed sent with a request: stable, and distinct across (seed, sample index)."""
+    digest = hashlib.sha256(f"{seed}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass
@@ -111,12 +140,6 @@ class RunStats:
         if self.cost is not None:
             parts.append(f"cost {self.cost:.4f}")
         return "LLM: " + ", ".join(parts)
-
-
-def derive_seed(seed: int, sample_index: int) -> int:
-    """The per-sample seed sent with a request: stable, and distinct across (seed, sample index)."""
-    digest = hashlib.sha256(f"{seed}/{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 class Backend(abc.ABC):

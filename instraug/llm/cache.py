@@ -1,8 +1,11 @@
-"""Content-addressed response cache: SQLite in WAL mode, one committed row per successful response."""
+"""Content-addressed response cache: SQLite in WAL mode, one committed row per successful response.
+
+Storage only: a row is found by its key, the sha256 of the canonical JSON of the request it
+answers; which fields make up a request, and so its key, is `instraug.llm.base`'s business.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -13,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instraug.errors import InputError
+from instraug.sqlite import canonical_json, key_of, open_wal_database
 
 if TYPE_CHECKING:
-    from instraug.llm.base import ChatRequest
     from instraug.locks import WriterLock
 
 
@@ -33,35 +36,6 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
-def keyed_fields(model: str, request: ChatRequest, seed: int) -> dict[str, Any]:
-    """Everything that determines a response, and nothing else."""
-    return {
-        "model": model,
-        "messages": [[role, content] for role, content in request.messages],
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "max_tokens": request.max_tokens,
-        "stop": list(request.stop),
-        "seed": seed,
-        "sample_index": request.sample_index,
-    }
-
-
-def canonical_json(fields: dict[str, Any]) -> str:
-    """Sorted keys, no spaces, UTF-8 kept: the same request always gives the same bytes."""
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def key_of(fields: dict[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of the keyed fields."""
-    return hashlib.sha256(canonical_json(fields).encode("utf-8")).hexdigest()
-
-
-def request_key(model: str, request: ChatRequest, seed: int) -> str:
-    """The cache key of one request sent to `model` with `seed`."""
-    return key_of(keyed_fields(model, request, seed))
-
-
 @dataclass(frozen=True)
 class CachedResponse:
     """A stored answer."""
@@ -71,57 +45,6 @@ class CachedResponse:
     prompt_tokens: int
     completion_tokens: int
     created: float
-
-
-def open_wal_database(path: Path, schema: str, what: str) -> sqlite3.Connection:
-    """A SQLite file in WAL mode, autocommit, usable from several threads (callers lock).
-
-    A database that holds other tables (another program's, or another instraug cache) is refused
-    before anything in it changes.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA busy_timeout = 10000")
-        _check_schema(db, schema, what, path)
-        db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode survives a killed process; only a power cut may lose the last commits.
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.execute(schema)
-    except (OSError, sqlite3.Error) as exc:
-        raise InputError(f"cannot open {what}: {exc}", path) from None
-    return db
-
-
-def _columns(db: sqlite3.Connection, table: str) -> list[str]:
-    return [row[1] for row in db.execute(f"PRAGMA table_info({table!r})")]
-
-
-def _check_schema(db: sqlite3.Connection, schema: str, what: str, path: Path) -> None:
-    """Refuse a non-empty database whose table is missing or has other columns than `schema` makes."""
-    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    if not tables:
-        return  # a new (or empty) file
-    model = sqlite3.connect(":memory:")
-    try:
-        model.execute(schema)
-        [table] = [name for (name,) in model.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        expected = _columns(model, table)
-    finally:
-        model.close()
-    if table not in tables:
-        raise InputError(
-            f"cannot use it as {what}: it is an SQLite database with other tables "
-            f"({', '.join(sorted(tables))})",
-            path,
-        )
-    found = _columns(db, table)
-    if found != expected:
-        raise InputError(
-            f"cannot use it as {what}: its table {table!r} has the columns ({', '.join(found)}), "
-            f"not ({', '.join(expected)})",
-            path,
-        )
 
 
 class ResponseCache:
@@ -199,7 +122,7 @@ class ResponseCache:
         prompt_tokens: int,
         completion_tokens: int,
     ) -> None:
-        """Store and commit one response (an existing entry is kept)."""
+        """Store and commit one response to the request `fields` (an existing entry is kept)."""
         row = (
             key,
             fields["model"],
