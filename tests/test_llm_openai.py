@@ -19,7 +19,7 @@ from llm_fixtures import (  # noqa: F401 - fixtures are found by their name= in 
 )
 
 from instraug.errors import LLMError
-from instraug.llm import open_llm
+from instraug.llm import count_cached, open_llm
 from instraug.llm.base import derive_seed
 from instraug.llm.local import free_port
 
@@ -66,6 +66,20 @@ def test_rerun_answers_from_the_cache_and_sends_nothing(
     assert {c.request.tag: c.text for c in again} == first
     assert all(c.cached for c in again)
     assert (stats.cache_hits, stats.requests_sent, stats.api_calls) == (5, 0, 0)
+
+
+def test_count_cached_needs_no_key_and_sends_nothing(
+    fake_server: ScriptedOpenAIServer, cache_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = openai_config(fake_server, seed=5)
+    with open_llm(config, cache_path=cache_file, quiet=True) as llm:
+        list(llm.run(prompts(2)))
+    monkeypatch.delenv(TEST_KEY_ENV)
+    assert count_cached(cache_file, config.model_copy(update={"base_url": None}), prompts(4)) == 2
+    assert count_cached(cache_file, config.model_copy(update={"model": "other-model"}), prompts(4)) == 0
+    assert len(fake_server.requests) == 2
+    with pytest.raises(LLMError, match="llm.model is required for the openai backend"):
+        count_cached(cache_file, config.model_copy(update={"model": None}), prompts(4))
 
 
 def test_429_waits_as_long_as_retry_after_says(fake_server: ScriptedOpenAIServer) -> None:

@@ -17,7 +17,7 @@ from llm_fixtures import (  # noqa: F401 - fixtures are found by their name= in 
 
 from instraug.config import LLMConfig
 from instraug.errors import CacheMissError, LLMError
-from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, open_llm
+from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, count_cached, open_llm
 from instraug.llm.base import BACKENDS, RunStats
 
 QUEUE = LLMConfig(backend="queue")
@@ -74,6 +74,26 @@ def test_offline_answers_from_the_cache_and_never_starts_the_backend(
     message = str(caught.value)
     assert str(cache_file) in message and "'never asked before'" in message and "--offline" in message
     assert caught.value.exit_code == 3
+
+
+def test_count_cached_counts_what_a_session_would_find_and_sends_nothing(
+    queue_backend: type[QueueBackend], cache_file: Path
+) -> None:
+    assert count_cached(cache_file, QUEUE, prompts(5)) == 0
+    assert not cache_file.exists()  # counting creates no cache
+    with open_llm(QUEUE, cache_path=cache_file, quiet=True) as llm:
+        list(llm.run(prompts(3)))
+    sent = len(queue_backend.sent)
+    assert count_cached(cache_file, QUEUE, prompts(5)) == 3
+    assert count_cached(cache_file, QUEUE, [chat("prompt 0", sample_index=1)]) == 0
+    assert count_cached(cache_file, QUEUE.model_copy(update={"seed": QUEUE.seed + 1}), prompts(5)) == 0
+    # The model in the keys is the one the backend resolves: the queue backend's default name here.
+    assert count_cached(cache_file, QUEUE.model_copy(update={"model": "queue-model"}), prompts(5)) == 3
+    assert count_cached(cache_file, QUEUE.model_copy(update={"model": "other-model"}), prompts(5)) == 0
+    assert len(queue_backend.sent) == sent and queue_backend.started == 1
+    with open_llm(QUEUE, cache_path=cache_file, quiet=True) as llm:
+        list(llm.run(prompts(5)))
+        assert llm.stats.cache_hits == 3
 
 
 def test_offline_without_a_cache_is_an_error(queue_backend: type[QueueBackend]) -> None:
