@@ -3,44 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import math
 import os
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_base, wait_random_exponential
 
 from instraug.errors import LLMError
 from instraug.llm.base import Backend, ChatRequest, Completion, RunStats, register_backend
+from instraug.llm.responses import (
+    MAX_RETRY_AFTER,
+    RejectedRequest,
+    RetryableError,
+    WaitRetryAfterOrBackoff,
+    is_context_overflow,
+    parse_choices,
+    retry_after_seconds,
+    server_message,
+    token_count,
+)
 
 if TYPE_CHECKING:
     from openai import APIStatusError, AsyncOpenAI
 
     from instraug.config import LLMConfig
 
-#: Longest server-requested pause (Retry-After) we honor before retrying.
-MAX_RETRY_AFTER = 300.0
 #: Sent when no key is set and the server is not api.openai.com (vLLM, Ollama, llama.cpp ignore it).
 PLACEHOLDER_KEY = "no-key"
 _RETRY_STATUS = frozenset({408, 409, 429})
-
-
-class RetryableError(Exception):
-    """A failed attempt worth repeating; `cause` names it in the retry statistics."""
-
-    def __init__(self, cause: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.retry_after = retry_after
-
-
-class RejectedRequest(Exception):
-    """The server refused this one request (its prompt is too long): a failure row, no retry."""
 
 
 def build_client(*, base_url: str | None, api_key: str, timeout: float, connections: int) -> AsyncOpenAI:
@@ -76,19 +67,6 @@ def group_samples(requests: Sequence[ChatRequest], size: int) -> Iterator[list[C
         group = [request]
     if group:
         yield group
-
-
-class _WaitRetryAfterOrBackoff(wait_base):
-    """Wait what the server asked for (Retry-After), else exponential backoff with full jitter."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.backoff = wait_random_exponential(multiplier=initial, max=maximum)
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(exc, RetryableError) and exc.retry_after is not None:
-            return min(exc.retry_after, MAX_RETRY_AFTER)
-        return float(self.backoff(retry_state))
 
 
 @register_backend("openai")
@@ -187,7 +165,7 @@ class OpenAIBackend(Backend):
             params["n"] = len(group)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
-            wait=_WaitRetryAfterOrBackoff(self.config.retry_initial_wait, self.config.retry_max_wait),
+            wait=WaitRetryAfterOrBackoff(self.config.retry_initial_wait, self.config.retry_max_wait),
             retry=retry_if_exception_type(RetryableError),
             before_sleep=self._count_retry,
             reraise=True,
@@ -206,8 +184,8 @@ class OpenAIBackend(Backend):
         usage = data.get("usage")
         if not isinstance(usage, dict):
             usage = {}
-        prompt_tokens = _count(usage.get("prompt_tokens"))
-        completion_tokens = _count(usage.get("completion_tokens"))
+        prompt_tokens = token_count(usage.get("prompt_tokens"))
+        completion_tokens = token_count(usage.get("completion_tokens"))
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         share, extra = divmod(completion_tokens, len(choices))
@@ -276,7 +254,7 @@ class OpenAIBackend(Backend):
             raise self._unreachable(self._scrub(f"cannot reach the server: {exc.__cause__ or exc}")) from None
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from None
-        return _parse_choices(content)
+        return parse_choices(content)
 
     def _unreachable(self, message: str) -> Exception:
         """What a connection failure means here: worth a retry."""
@@ -284,16 +262,16 @@ class OpenAIBackend(Backend):
 
     def _status_error(self, exc: APIStatusError) -> Exception:
         status = exc.status_code
-        message = self._scrub(_server_message(exc))
+        message = self._scrub(server_message(exc))
         where = self.base_url or "api.openai.com"
         if status in _RETRY_STATUS or status >= 500:
-            retry_after = _retry_after(exc.response.headers) if status in (429, 503) else None
+            retry_after = retry_after_seconds(exc.response.headers) if status in (429, 503) else None
             if retry_after is not None:
                 loop = asyncio.get_running_loop()
                 self._pause_until = max(self._pause_until, loop.time() + min(retry_after, MAX_RETRY_AFTER))
             cause = "rate_limit" if status == 429 else "server_error" if status >= 500 else f"http_{status}"
             return RetryableError(cause, f"HTTP {status}: {message}", retry_after)
-        if status == 400 and _is_context_overflow(message):
+        if status == 400 and is_context_overflow(message):
             return RejectedRequest(f"HTTP 400: {message}")
         if status == 401:
             return LLMError(
@@ -316,71 +294,3 @@ class OpenAIBackend(Backend):
         if self._api_key and self._api_key != PLACEHOLDER_KEY:
             text = text.replace(self._api_key, "***")
         return text
-
-
-def _parse_choices(content: bytes) -> dict[str, Any]:
-    """The response JSON with `choices` reduced to (text, finish_reason) in index order."""
-    try:
-        data = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        raise RetryableError("malformed", f"the response is not JSON: {content[:80]!r}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-        raise RetryableError("malformed", "the response has no 'choices' list")
-    if not data["choices"]:
-        raise RetryableError("empty", "the response has no choices")
-    choices: list[tuple[int, str, str | None]] = []
-    for position, choice in enumerate(data["choices"]):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        text = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(text, str):
-            raise RetryableError("malformed", "a choice has no message content")
-        index = choice.get("index")
-        finish_reason = choice.get("finish_reason")
-        choices.append(
-            (
-                index if isinstance(index, int) else position,
-                text,
-                finish_reason if isinstance(finish_reason, str) else None,
-            )
-        )
-    choices.sort(key=lambda c: c[0])
-    data["choices"] = [(text, finish_reason) for _, text, finish_reason in choices]
-    return data
-
-
-def _server_message(exc: APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        message = error.get("message") if isinstance(error, dict) else error
-        if message:
-            return str(message)[:300]
-    text = exc.response.text if exc.response is not None else ""
-    return (text or exc.message)[:300].strip()
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            try:
-                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError, OverflowError):
-                continue
-        if math.isfinite(seconds):
-            return max(seconds, 0.0)
-    return None
-
-
-def _is_context_overflow(message: str) -> bool:
-    lowered = message.lower()
-    return "context" in lowered and ("length" in lowered or "window" in lowered or "exceed" in lowered)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
