@@ -3,12 +3,14 @@ worded once, and the temporary folders a killed `export --format hf` leaves."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from fake_openai_server import ScriptedOpenAIServer
+from fake_openai_server import Reply, ScriptedOpenAIServer, chat_body
+from helpers import read_jsonl
 from processes import Spawner, spawn_fixture  # noqa: F401 - the spawn fixture is found by its name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typer.testing import CliRunner, Result
@@ -47,6 +49,41 @@ def closed_url() -> str:
     """An address nothing listens on."""
     with ScriptedOpenAIServer() as gone:
         return gone.url
+
+
+# --------------------------------------------------------------------------------------------
+# instraug meta-prompts with the server down
+
+
+def test_meta_prompts_with_the_server_down_is_exit_3_and_writes_nothing(tmp_path: Path) -> None:
+    url, out = closed_url(), tmp_path / "meta_prompts.jsonl"
+    out.write_text("precious\n")
+    result = instraug("meta-prompts", "-c", write_config(tmp_path / "c.yaml", url), "-o", out, "-q")
+    assert result.exit_code == 3, result.stderr
+    error = (
+        rf"cannot reach {re.escape(url)}: 1 of 1 requests failed to connect \(connection after 2 attempts: "
+        r"cannot reach the server: [^()]+\); start the server or check llm.base_url, then run again "
+        r"\(answers so far are cached\)"
+    )
+    assert re.fullmatch(f"Error: {error}\n", result.stderr), result.stderr
+    assert out.read_text() == "precious\n"  # no curated-only file that looks bootstrapped
+
+
+def test_meta_prompts_with_the_server_up_bootstraps(tmp_path: Path) -> None:
+    out = tmp_path / "meta_prompts.jsonl"
+    with ScriptedOpenAIServer() as server:
+        server.push(Reply(body=chat_body(["1. Use simpler words.\n2. Start with the verb."])))
+        config = write_config(tmp_path / "c.yaml", server.url, merge="replace")
+        result = instraug("meta-prompts", "-c", config, "-o", out, "--cache", tmp_path / "c.sqlite")
+        assert len(server.requests) == 1
+    assert result.exit_code == 0, result.stderr
+    rows = read_jsonl(out)
+    assert [(row["origin"], row["text"]) for row in rows] == [
+        ("direct", rows[0]["text"]),
+        ("bootstrap", "Use simpler words."),
+        ("bootstrap", "Start with the verb."),
+    ]
+    assert f"3 meta-prompts (2 bootstrapped) -> {out}\n" in result.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,5 +45,8 @@ def meta_prompts(
                 open_llm(settings.llm, cache_path=cache_path, offline=offline, quiet=quiet)
             )
         result = build_meta_prompts(seeds, settings.meta_prompts, settings.sampling, llm)
+        unreachable = llm.unreachable_error() if llm is not None else None
+        if unreachable is not None:  # exit 3, and no file that looks bootstrapped but is not
+            raise unreachable
     write_jsonl(output, (p.model_dump() for p in result.prompts))
     info(f"{len(result.prompts)} meta-prompts ({result.bootstrapped} bootstrapped) -> {output}", quiet)
