@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from instraug.config import AssemblyConfig, Config, ExpansionConfig, SamplingConfig
+from instraug.errors import InputError
 from instraug.llm.base import ChatRequest, Completion, RunStats
 from instraug.placeholders import Masked, mask_placeholders, restore_placeholders
 from instraug.records import MetaPrompt, Verdict
@@ -392,3 +393,12 @@ def test_rows_come_out_in_a_deterministic_order_whatever_the_completion_order() 
     # within the first batch: template order, then attempt order
     first_batch = runs[2].rows[: 3 * len(AUGMENTED)]
     assert [row["template_id"] for row in first_batch] == [t for t in AUGMENTED for _ in range(3)]
+
+
+def test_no_meta_prompts_is_an_input_error_and_asks_nothing() -> None:
+    session = FakeSession(good)
+    rows = generate(TEMPLATES, [], SEEDS, make_config(), session, judge)
+    with pytest.raises(InputError) as error:
+        next(rows)
+    assert str(error.value) == "no meta-prompts: generation needs at least one (see `instraug meta-prompts`)"
+    assert session.batches == []

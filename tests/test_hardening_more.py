@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from fake_openai_server import Reply, ScriptedOpenAIServer, chat_body
-from helpers import read_jsonl
+from helpers import read_jsonl, write_jsonl
 from processes import Spawner, spawn_fixture  # noqa: F401 - the spawn fixture is found by its name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typer.testing import CliRunner, Result
@@ -84,6 +84,86 @@ def test_meta_prompts_with_the_server_up_bootstraps(tmp_path: Path) -> None:
         ("bootstrap", "Start with the verb."),
     ]
     assert f"3 meta-prompts (2 bootstrapped) -> {out}\n" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# instraug generate with no meta-prompts, or a bad one
+
+EMPTY = "no meta-prompts: the file is empty; write it with `instraug meta-prompts`"
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Path:
+    path = tmp_path / "templates.jsonl"
+    assert instraug("import-templates", EXAMPLE / "instruction_templates.py", "-o", path).exit_code == 0
+    return path
+
+
+def generate(tmp_path: Path, templates: Path, metas: str | Path, input: str | None = None) -> Result:
+    config = write_config(tmp_path / "c.yaml", closed_url())
+    out = tmp_path / "generations.jsonl"
+    return instraug(
+        "generate",
+        "-t",
+        templates,
+        "-m",
+        metas,
+        "-c",
+        config,
+        "-o",
+        out,
+        "--cache",
+        tmp_path / "c.sqlite",
+        input=input,
+    )
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
+def test_generate_with_no_meta_prompts_is_exit_2_naming_the_file(
+    tmp_path: Path, templates: Path, content: str
+) -> None:
+    metas = tmp_path / "meta_prompts.jsonl"
+    metas.write_text(content)
+    result = generate(tmp_path, templates, metas)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {metas}: {EMPTY}\n"
+    assert not (tmp_path / "generations.jsonl").exists()
+
+
+def test_generate_with_no_meta_prompts_on_stdin(tmp_path: Path, templates: Path) -> None:
+    result = generate(tmp_path, templates, "-", input="")
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: <stdin>: {EMPTY}\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"id": "direct", "text": "Rewrite it."},
+            "origin: missing (a meta-prompt row needs id, text, origin)",
+        ),
+        (
+            {"id": "direct", "text": "Rewrite it.", "origin": "mine"},
+            "origin: must be 'direct', 'bootstrap' or 'curated'",
+        ),
+        ({"id": "direct", "text": 7, "origin": "direct"}, "text: must be a valid string"),
+        (
+            {"id": "direct", "text": "Rewrite it.", "origin": "direct", "x": 1},
+            "x: Extra inputs are not permitted",
+        ),
+    ],
+    ids=["missing", "unknown-origin", "not-a-string", "unknown-key"],
+)
+def test_generate_with_a_bad_meta_prompt_row_names_the_line(
+    tmp_path: Path, templates: Path, row: dict[str, Any], message: str
+) -> None:
+    good = {"id": "direct", "text": "Rewrite the instruction.", "origin": "direct"}
+    metas = write_jsonl(tmp_path / "meta_prompts.jsonl", [good, row])
+    result = generate(tmp_path, templates, metas)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {metas}:2: {message}\n"
+    assert not (tmp_path / "generations.jsonl").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from instraug.cli._common import (
     refuse_output_over_inputs,
     reports_errors,
 )
+
+if TYPE_CHECKING:
+    from instraug.records import MetaPrompt
 
 
 @reports_errors
@@ -41,7 +44,6 @@ def generate(
     from instraug.config import load_config
     from instraug.jsonl import read_jsonl, write_jsonl
     from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, open_llm
-    from instraug.records import MetaPrompt
     from instraug.rundir import cache_path
     from instraug.stages.s1_meta_prompts import load_seeds
     from instraug.stages.s2_generate import GenerationSummary
@@ -54,7 +56,7 @@ def generate(
     inputs = [templates, meta_prompts, config, path, *instance_inputs(instances, settings.assembly.split)]
     refuse_output_over_inputs(output, inputs)
     rows = [row for _line, row in read_jsonl(templates)]
-    metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(meta_prompts)]
+    metas = read_meta_prompts(meta_prompts)
     samples = (
         sample_instances(
             instances, settings.assembly.split, {r["task"] for r in rows}, settings.filters.render_samples
@@ -89,3 +91,24 @@ def generate(
     if failures:
         info(f"{failures} requests failed after retries", quiet)
         raise typer.Exit(EXIT_COMPLETED_WITH_FAILURES)
+
+
+def read_meta_prompts(path: Path) -> list[MetaPrompt]:
+    """The rows of a meta-prompts file (instraug meta-prompts); at least one."""
+    from pydantic import ValidationError
+
+    from instraug.errors import InputError, validation_reason
+    from instraug.jsonl import STDIO, read_jsonl
+    from instraug.records import MetaPrompt
+
+    name = "<stdin>" if str(path) == STDIO else str(path)
+    metas = []
+    for line, row in read_jsonl(path):
+        try:
+            metas.append(MetaPrompt.model_validate(row))
+        except ValidationError as exc:
+            reason = validation_reason(exc, missing="missing (a meta-prompt row needs id, text, origin)")
+            raise InputError(reason, name, line) from None
+    if not metas:
+        raise InputError("no meta-prompts: the file is empty; write it with `instraug meta-prompts`", name)
+    return metas

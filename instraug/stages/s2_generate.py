@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from instraug.config import BudgetConfig, Config
+from instraug.errors import InputError
 from instraug.placeholders import Masked, literal_text, mask_placeholders, placeholders_of
 from instraug.records import MetaPrompt
 from instraug.stages.s1_meta_prompts import Seeds, system_prompt
@@ -100,7 +101,7 @@ def generate(
     """Yield generation rows in a deterministic order (round by round, template order within)."""
     summary = summary if summary is not None else GenerationSummary()
     if not meta_prompts:
-        raise ValueError("no meta-prompts")
+        raise InputError("no meta-prompts: generation needs at least one (see `instraug meta-prompts`)")
     expansion, sampling = config.expansion, config.sampling
     sources: list[Source] = []
     for template in templates:
