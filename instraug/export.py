@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from instraug.errors import InputError, InstraugError
-from instraug.jsonl import atomic_binary, read_jsonl
+from instraug.jsonl import (
+    _create_temporary,
+    _temporary_name,
+    atomic_binary,
+    read_jsonl,
+    remove_stale_temporaries,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -167,19 +173,28 @@ def write_hf_dataset(table: pa.Table, out: Path, *, progress: bool = True) -> No
 
 @contextlib.contextmanager
 def _atomic_folder(out: Path) -> Iterator[Path]:
-    """A fresh folder beside `out`; on success it replaces `out` (an earlier export folder)."""
+    """A fresh folder beside `out`; on success it replaces `out` (an earlier export folder).
+
+    The folder is `.NAME.XXXXXXXX.tmp.d`, and its writer holds a flock on the temporary file
+    `.NAME.XXXXXXXX.tmp` beside it (made as jsonl makes its own) until it is done, so the next
+    export of `out` can tell the folders a killed export left from those of one still running.
+    """
     if out.exists() and not (out / "dataset_info.json").is_file():
         what = "a file" if not out.is_dir() else "a folder that is not a dataset export"
         raise InputError(f"cannot write: already exists and is {what}", out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        tmp.mkdir()  # not mkdtemp: the folder gets the umask's mode, like any other output
+        remove_stale_folders(out)
+        fd, lock = _create_temporary(out)
     except OSError as exc:
         raise InputError(f"cannot write: {exc.strerror or exc}", out) from None
+    tmp, old = Path(lock + _FOLDER), Path(lock + _OLD)
     try:
+        try:
+            tmp.mkdir()  # not mkdtemp: the folder gets the umask's mode, like any other output
+        except OSError as exc:
+            raise InputError(f"cannot write: {exc.strerror or exc}", out) from None
         yield tmp
-        old = tmp.with_suffix(".old")
         if out.exists():
             os.replace(out, old)
         try:
@@ -192,3 +207,46 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # before the flock goes: a cleaner never takes this writer for gone
+        os.close(fd)
+
+
+#: What follows the name of a writer's lock file: its new folder, and the export it displaces.
+_FOLDER, _OLD = ".d", ".old"
+
+
+def remove_stale_folders(out: Path) -> list[Path]:
+    """Remove the temporary folders of `out` that a killed export left; never a running one's."""
+    remove_stale_temporaries(out)  # the lock files no writer holds
+    locks = _temporary_name(out)
+    legacy = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.(?:tmp|old)")
+    removed: list[Path] = []
+    try:
+        entries = [entry for entry in os.scandir(out.parent) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return removed
+    for entry in entries:
+        lock, suffix = os.path.splitext(entry.path)
+        if suffix in (_FOLDER, _OLD) and locks.fullmatch(os.path.basename(lock)):
+            stale = not os.path.lexists(lock)
+        elif match := legacy.fullmatch(entry.name):
+            # Named by earlier versions after their writer's pid, with no lock to ask.
+            stale = not _running(int(match.group(1)))
+        else:
+            continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:
+        return True  # another user's process
+    return True

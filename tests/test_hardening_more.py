@@ -3,7 +3,10 @@ worded once, and the temporary folders a killed `export --format hf` leaves."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 import yaml
 from fake_openai_server import Reply, ScriptedOpenAIServer, chat_body
 from helpers import read_jsonl, write_jsonl
+from llm_fixtures import child_env
 from processes import Spawner, spawn_fixture  # noqa: F401 - the spawn fixture is found by its name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typer.testing import CliRunner, Result
@@ -223,3 +227,74 @@ def reason(data: Any, missing: str | None = None) -> str:
 )
 def test_validation_reason(data: Any, missing: str | None, expected: str) -> None:
     assert reason(data, missing) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Temporary folders of a killed `instraug export --format hf`
+
+needs_datasets = pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is None or importlib.util.find_spec("pyarrow") is None,
+    reason="datasets is not installed (pip install 'instraug[hf]')",
+)
+
+#: An export that has started writing its folder and waits: prints the folder, then sleeps.
+WRITER = """
+import sys, time
+from pathlib import Path
+from instraug.export import _atomic_folder
+with _atomic_folder(Path(sys.argv[1])) as tmp:
+    (tmp / "part.arrow").write_bytes(b"half")
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+TRAIN_ROW = {"unique_id": "a", "task_name": "t", "prompt": "Say yes.", "target": "yes"}
+
+
+def start_writer(spawn: Spawner, out: Path) -> tuple[subprocess.Popen[str], Path]:
+    process = spawn(
+        [sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    line = process.stdout.readline() if process.stdout else ""
+    assert line, "the writer did not start"
+    return process, Path(line.strip())
+
+
+def leftovers(run: Path) -> set[str]:
+    return {p.name for p in run.iterdir() if p.name.startswith(".train_hf.")}
+
+
+@needs_datasets
+def test_export_removes_the_temporary_folders_of_killed_exports_only(tmp_path: Path, spawn: Spawner) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "train.jsonl", [TRAIN_ROW])
+    out = run / "train_hf"
+    killed, killed_folder = start_writer(spawn, out)
+    running, running_folder = start_writer(spawn, out)
+    killed.kill()
+    assert killed.wait(timeout=30) < 0
+    assert killed_folder.is_dir() and running_folder.is_dir()
+    lock_of = {folder: folder.with_suffix("") for folder in (killed_folder, running_folder)}
+    assert all(lock.is_file() for lock in lock_of.values())
+    # Killed between moving the previous export aside and moving the new one in: its lock, unheld.
+    swap_lock = run / ".train_hf.swapped0.tmp"
+    swap_lock.touch()
+    (run / ".train_hf.swapped0.tmp.old").mkdir()
+    (run / ".train_hf.orphaned.tmp.d").mkdir()  # its lock file already removed
+    # Earlier versions named the folder after the writer's pid: one gone, one still running.
+    gone = spawn([sys.executable, "-c", "pass"])
+    gone.wait(timeout=30)
+    (run / f".train_hf.{gone.pid}.0123abcd.tmp").mkdir()
+    (run / f".train_hf.{running.pid}.0123abcd.tmp").mkdir()
+
+    result = instraug("export", run, "--format", "hf", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "dataset_info.json").is_file()
+    assert leftovers(run) == {
+        running_folder.name,
+        lock_of[running_folder].name,
+        f".train_hf.{running.pid}.0123abcd.tmp",
+    }
+    assert (running_folder / "part.arrow").read_bytes() == b"half"
+    assert running.poll() is None
