@@ -19,15 +19,13 @@ from helpers import read_jsonl, write_jsonl
 from typer.testing import Result
 
 from instraug.config import FilterConfig, NearDuplicateConfig, SemanticConfig, load_config
-from instraug.embeddings import (
+from instraug.embedding_backends import (
     BUNDLED_MODEL,
-    Embedder,
     EmbeddingBackend,
-    EmbeddingCache,
     EmbeddingError,
     OpenAIEmbeddingBackend,
-    open_embedder,
 )
+from instraug.embeddings import Embedder, EmbeddingCache, open_embedder
 from instraug.errors import ConfigError, InstraugError
 from instraug.funnel import REASONS
 from instraug.placeholders import mask_placeholders

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from instraug.config import SemanticConfig
-from instraug.embeddings import Embedder, EmbeddingBackend, EmbeddingCache, embedding_key, unit
+from instraug.embedding_backends import EmbeddingBackend
+from instraug.embeddings import Embedder, EmbeddingCache, embedding_key, unit
 from instraug.errors import InputError
 from instraug.llm.cache import ResponseCache
 
