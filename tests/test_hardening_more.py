@@ -11,49 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fake_openai_server import Reply, ScriptedOpenAIServer, chat_body
 from helpers import read_jsonl, write_jsonl
 from llm_fixtures import child_env
 from processes import Spawner, spawn_fixture  # noqa: F401 - the spawn fixture is found by its name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from typer.testing import CliRunner, Result
+from test_hardening_runs import EXAMPLE, closed_url, instraug, write_config
+from typer.testing import Result
 
-from instraug.cli import app
 from instraug.errors import validation_reason
-
-HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE.parent / "examples" / "multiinstruct-mini"
-KEY_ENV = "INSTRAUG_TEST_HARDENING_KEY"
-ENV = {KEY_ENV: "sk-test-hardening", "INSTRAUG_DEBUG": None}
-
-
-def instraug(*args: str | Path, input: str | None = None) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV, input=input)
-
-
-def write_config(path: Path, url: str, **meta_prompts: Any) -> Path:
-    settings = {
-        "llm": {
-            "backend": "openai",
-            "base_url": url,
-            "model": "fake",
-            "api_key_env": KEY_ENV,
-            "max_retries": 1,
-            "retry_initial_wait": 0,
-            "retry_max_wait": 0,
-        },
-        "meta_prompts": {"count": 3, "bootstrap_count": 3, **meta_prompts},
-    }
-    path.write_text(yaml.safe_dump(settings))
-    return path
-
-
-def closed_url() -> str:
-    """An address nothing listens on."""
-    with ScriptedOpenAIServer() as gone:
-        return gone.url
-
 
 # --------------------------------------------------------------------------------------------
 # instraug meta-prompts with the server down
@@ -62,7 +28,8 @@ def closed_url() -> str:
 def test_meta_prompts_with_the_server_down_is_exit_3_and_writes_nothing(tmp_path: Path) -> None:
     url, out = closed_url(), tmp_path / "meta_prompts.jsonl"
     out.write_text("precious\n")
-    result = instraug("meta-prompts", "-c", write_config(tmp_path / "c.yaml", url), "-o", out, "-q")
+    config, cache = write_config(tmp_path / "c.yaml", url), tmp_path / "c.sqlite"
+    result = instraug("meta-prompts", "-c", config, "-o", out, "--cache", cache, "-q")
     assert result.exit_code == 3, result.stderr
     error = (
         rf"cannot reach {re.escape(url)}: 1 of 1 requests failed to connect \(connection after 2 attempts: "
@@ -77,7 +44,7 @@ def test_meta_prompts_with_the_server_up_bootstraps(tmp_path: Path) -> None:
     out = tmp_path / "meta_prompts.jsonl"
     with ScriptedOpenAIServer() as server:
         server.push(Reply(body=chat_body(["1. Use simpler words.\n2. Start with the verb."])))
-        config = write_config(tmp_path / "c.yaml", server.url, merge="replace")
+        config = write_config(tmp_path / "c.yaml", server.url, meta_prompts={"merge": "replace"})
         result = instraug("meta-prompts", "-c", config, "-o", out, "--cache", tmp_path / "c.sqlite")
         assert len(server.requests) == 1
     assert result.exit_code == 0, result.stderr
@@ -105,21 +72,8 @@ def templates(tmp_path: Path) -> Path:
 
 def generate(tmp_path: Path, templates: Path, metas: str | Path, input: str | None = None) -> Result:
     config = write_config(tmp_path / "c.yaml", closed_url())
-    out = tmp_path / "generations.jsonl"
-    return instraug(
-        "generate",
-        "-t",
-        templates,
-        "-m",
-        metas,
-        "-c",
-        config,
-        "-o",
-        out,
-        "--cache",
-        tmp_path / "c.sqlite",
-        input=input,
-    )
+    options = ["-t", templates, "-m", metas, "-c", config, "--cache", tmp_path / "c.sqlite"]
+    return instraug("generate", *options, "-o", tmp_path / "generations.jsonl", input=input)
 
 
 @pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
