@@ -16,8 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from instraug.config import Config
-from instraug.expand import expand
 from instraug.jsonl import read_jsonl
+from instraug.pipeline import run_pipeline as expand
 from instraug.placeholders import placeholders_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "multiinstruct-mini"

@@ -1,11 +1,16 @@
-"""The filter funnel: every reason code in funnel order, and the counts per code."""
+"""The filter funnel: every reason code in funnel order, the counts per code and task, the factor
+achieved, and the cost formula: computed here once, rendered by the CLI, report.json and report.md."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from instraug.errors import InputError
+from instraug.jsonl import read_jsonl
 from instraug.records import Verdict
 
 #: Every reason code, in the order the funnel reports them.
@@ -68,3 +73,78 @@ class FilterSummary:
         share = f" ({100 * self.kept / self.generated:.1f}%)" if self.generated else ""
         lines.append(f"{self.kept} kept{share}")
         return lines
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FilterSummary:
+        """The inverse of `as_dict`."""
+        return cls(
+            generated=int(data.get("generated", 0)),
+            kept=int(data.get("kept", 0)),
+            flagged=Counter(data.get("flagged") or {}),
+            removed=Counter(data.get("removed") or {}),
+            render_skipped=int(data.get("render_skipped", 0)),
+        )
+
+
+@dataclass
+class RunFunnel:
+    """The verdicts of a run, counted once: overall, per task, and the factor each task achieved.
+
+    `instraug expand`'s summary, report.json and report.md all render this one object.
+    """
+
+    overall: FilterSummary = field(default_factory=FilterSummary)
+    by_task: dict[str, FilterSummary] = field(default_factory=dict)
+    roots: dict[str, set[str]] = field(default_factory=dict)  # task -> originals that were rephrased
+
+    def add(self, task: str, root_id: str, verdict: Verdict) -> None:
+        """Count one judged generation."""
+        self.overall.add(verdict)
+        self.by_task.setdefault(task, FilterSummary()).add(verdict)
+        self.roots.setdefault(task, set()).add(root_id)
+
+    @classmethod
+    def read(cls, path: Path) -> RunFunnel:
+        """Count the verdicts stage 2 recorded in a generations file (its `task`, `root_id`, `reasons`)."""
+        funnel = cls()
+        for line, row in read_jsonl(path):
+            task, reasons = row.get("task"), row.get("reasons")
+            if not isinstance(task, str) or not isinstance(reasons, list):
+                raise InputError("a generation row needs a 'task' string and a 'reasons' list", path, line)
+            unknown = [r for r in reasons if r not in REASON_ORDER]
+            if unknown:
+                known = ", ".join(REASONS)
+                raise InputError(f"unknown reason code {unknown[0]!r} (known: {known})", path, line)
+            verdict = Verdict(sorted(reasons, key=REASON_ORDER.__getitem__))
+            funnel.add(task, str(row.get("root_id")), verdict)
+        return funnel
+
+    def achieved(self, target: int | None) -> dict[str, dict[str, Any]]:
+        """Per rephrased task: originals rephrased, rewrites kept, kept per original, short of `target`."""
+        out: dict[str, dict[str, Any]] = {}
+        for task, summary in sorted(self.by_task.items()):
+            roots = len(self.roots.get(task, ()))
+            out[task] = {
+                "templates_augmented": roots,
+                "kept": summary.kept,
+                "achieved_factor": round(summary.kept / roots, 3) if roots else 0.0,
+                "target_factor": target,
+                "short": target is not None and summary.kept < target * roots,
+            }
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """report.json's funnel, per-task funnel (first reason removes, every reason flags)."""
+        return {
+            "funnel": self.overall.as_dict(),
+            "funnel_by_task": {task: s.as_dict() for task, s in sorted(self.by_task.items())},
+        }
+
+
+def cost(
+    prompt_tokens: float, completion_tokens: float, price_in: float | None, price_out: float | None
+) -> float | None:
+    """USD for the tokens at the configured prices per 1,000 (None when no price is configured)."""
+    if price_in is None and price_out is None:
+        return None
+    return prompt_tokens / 1000 * (price_in or 0.0) + completion_tokens / 1000 * (price_out or 0.0)

@@ -7,6 +7,7 @@ Everything is read from the run's files, so the same run directory always gives 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import random
@@ -21,19 +22,17 @@ from typing import Any
 import orjson
 
 from instraug.errors import InputError, TemplateError
+from instraug.funnel import REASONS, FilterSummary, RunFunnel
 from instraug.jsonl import atomic_binary, read_jsonl
 from instraug.placeholders import parse_template
-from instraug.stages.s3_filter import REASONS, FilterSummary, Verdict
+from instraug.rundir import CACHE, GENERATIONS, INSTRUCTIONS, PLOTS, REPORT_JSON, REPORT_MD, TEMPLATES, TRAIN
 
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
 PLOT_NAMES = ("funnel", "factor", "lengths")
-PLOTS_DIR = "report"
+PLOTS_DIR = PLOTS
 PLOTS_EXTRA = "pip install 'instraug[report]'"
 BIN_WIDTH = 5  # words per histogram bin
 MAX_PAIRS_PER_TASK = 5000  # beyond this, the pairwise similarity of a task is taken on a seeded sample
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
-_ORDER = {reason: i for i, reason in enumerate(REASONS)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,9 +123,7 @@ class RunFacts:
 
     name: str
     originals: Counter[str] = field(default_factory=Counter)  # task -> original templates
-    funnel: FilterSummary = field(default_factory=FilterSummary)
-    funnel_by_task: dict[str, FilterSummary] = field(default_factory=dict)
-    roots: dict[str, set[str]] = field(default_factory=dict)  # task -> originals with generations
+    verdicts: RunFunnel = field(default_factory=RunFunnel)
     original: InstructionSet = field(default_factory=InstructionSet)
     generated: InstructionSet = field(default_factory=InstructionSet)
     to_root: list[float] = field(default_factory=list)  # Jaccard of each generated row to its root
@@ -137,6 +134,18 @@ class RunFacts:
     outcome: str = ""  # how the last `instraug expand` ended, when it was not simply as planned
     failed: bool = False  # an error stopped that run: its outputs are not all there, or not its own
     stages: dict[str, str] = field(default_factory=dict)  # stage -> what that run did with it
+
+    @property
+    def funnel(self) -> FilterSummary:
+        return self.verdicts.overall
+
+    @property
+    def funnel_by_task(self) -> dict[str, FilterSummary]:
+        return self.verdicts.by_task
+
+    @property
+    def roots(self) -> dict[str, set[str]]:
+        return self.verdicts.roots
 
     @property
     def tasks(self) -> list[str]:
@@ -161,10 +170,10 @@ def read_run(run_dir: Path, summary: dict[str, Any] | None = None) -> RunFacts:
     facts.target_factor = _target_factor(summary)
     if not facts.failed:
         _read_outputs(run_dir, facts)
-    if (run_dir / "cache.sqlite").is_file():
+    if (run_dir / CACHE).is_file():
         from instraug.llm.cache import ResponseCache
 
-        with ResponseCache(run_dir / "cache.sqlite") as cache:
+        with ResponseCache(run_dir / CACHE) as cache:
             facts.cache = cache.stats()
     return facts
 
@@ -183,31 +192,15 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 
 def _read_outputs(run_dir: Path, facts: RunFacts) -> None:
-    for name in ("templates.jsonl", "generations.jsonl", "instructions.jsonl"):
+    for name in (TEMPLATES, GENERATIONS, INSTRUCTIONS):
         if not (run_dir / name).is_file():
             raise InputError(f"not a run directory: no {name} (run `instraug expand` first)", run_dir)
-    for _line, row in read_jsonl(run_dir / "templates.jsonl"):
+    for _line, row in read_jsonl(run_dir / TEMPLATES):
         facts.originals[row["task"]] += 1
-    _read_generations(run_dir / "generations.jsonl", facts)
-    _read_pool(run_dir / "instructions.jsonl", facts)
-    if (run_dir / "train.jsonl").is_file():
-        facts.train = Counter(
-            str(row.get("instruction_origin")) for _l, row in read_jsonl(run_dir / "train.jsonl")
-        )
-
-
-def _read_generations(path: Path, facts: RunFacts) -> None:
-    for line, row in read_jsonl(path):
-        task, reasons = row.get("task"), row.get("reasons") or []
-        if not isinstance(task, str) or not isinstance(reasons, list):
-            raise InputError("a generation row needs a 'task' string and a 'reasons' list", path, line)
-        unknown = [r for r in reasons if r not in _ORDER]
-        if unknown:
-            raise InputError(f"unknown reason code {unknown[0]!r} (known: {', '.join(REASONS)})", path, line)
-        verdict = Verdict(sorted(reasons, key=_ORDER.__getitem__))
-        facts.funnel.add(verdict)
-        facts.funnel_by_task.setdefault(task, FilterSummary()).add(verdict)
-        facts.roots.setdefault(task, set()).add(str(row.get("root_id")))
+    facts.verdicts = RunFunnel.read(run_dir / GENERATIONS)
+    _read_pool(run_dir / INSTRUCTIONS, facts)
+    if (run_dir / TRAIN).is_file():
+        facts.train = Counter(str(row.get("instruction_origin")) for _l, row in read_jsonl(run_dir / TRAIN))
 
 
 def _read_pool(path: Path, facts: RunFacts) -> None:
@@ -266,7 +259,7 @@ def write_report(run_dir: Path, *, plots: bool = True, summary: dict[str, Any] |
             _remove_plots(run_dir / PLOTS_DIR, keep=())
         else:
             try:
-                images = draw_plots(facts, run_dir / PLOTS_DIR)
+                images = draw_plots_once(facts, run_dir / PLOTS_DIR)
                 _remove_plots(run_dir / PLOTS_DIR, keep=images)
                 note = ""
             except ImportError:
@@ -366,13 +359,15 @@ def _funnel_section(facts: RunFacts) -> list[str]:
 def _factor_section(facts: RunFacts) -> list[str]:
     target = facts.target_factor
     rows = []
+    factors = facts.verdicts.achieved(target)
     for task in facts.tasks:
-        roots, kept = len(facts.roots.get(task, ())), facts.funnel_by_task.get(task, FilterSummary()).kept
+        entry = factors.get(task)
+        roots, kept = (entry["templates_augmented"], entry["kept"]) if entry else (0, 0)
         if not roots:
             achieved, status = "", "not rephrased"
         else:
             achieved = f"{kept / roots:.2f}"
-            status = "unknown" if target is None else ("short" if kept < target * roots else "met")
+            status = "unknown" if target is None else ("short" if entry and entry["short"] else "met")
         pool = facts.originals[task] + kept
         rows.append([task, str(facts.originals[task]), str(roots), str(kept), achieved, str(pool), status])
     return [
@@ -512,6 +507,41 @@ def _target(facts: RunFacts) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Plots (matplotlib, the report extra)
+
+
+PLOTS_STAMP = ".instraug-plots.json"  # beside the plots folder: what its PNGs were drawn from
+
+
+def draw_plots_once(facts: RunFacts, folder: Path) -> dict[str, str]:
+    """The plots of `facts`, drawn only when what they show changed since they were last drawn.
+
+    A re-run of an up-to-date run directory redraws nothing (drawing takes seconds).
+    """
+    from instraug import __version__
+
+    lengths = facts.lengths()
+    key = hashlib.sha256(
+        orjson.dumps(
+            [
+                __version__,
+                facts.verdicts.as_dict(),
+                facts.verdicts.achieved(facts.target_factor),
+                facts.target_factor,
+                lengths,
+            ],
+            option=orjson.OPT_SORT_KEYS,
+        )
+    ).hexdigest()
+    stamp = folder.parent / PLOTS_STAMP
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        drawn = recorded.get("drawn") if recorded.get("key") == key else None
+        if isinstance(drawn, dict) and all((folder.parent / str(p)).is_file() for p in drawn.values()):
+            return {str(k): str(v) for k, v in drawn.items()}
+    images = draw_plots(facts, folder)
+    with atomic_binary(stamp) as fp:
+        fp.write(orjson.dumps({"key": key, "drawn": images}, option=orjson.OPT_SORT_KEYS))
+    return images
 
 
 def draw_plots(facts: RunFacts, folder: Path) -> dict[str, str]:

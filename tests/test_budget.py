@@ -106,3 +106,20 @@ def test_max_requests_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, ser
     third = run("expand", EXAMPLE, "-o", fresh, "-c", unlimited)
     assert third.exit_code == 0, third.output
     assert (fresh / "generations.jsonl").read_text().splitlines() == complete
+
+
+def test_the_estimate_counts_what_the_run_directory_cache_already_answers(
+    tmp_path: Path, server: CountingServer
+) -> None:
+    out = tmp_path / "run"
+    settings = config(tmp_path, server)
+    before = run("expand", EXAMPLE, "-o", out, "-c", settings, "--estimate")
+    plan = dict(line.split(": ", 1) for line in before.stdout.splitlines())
+    cached, first_round = map(int, plan["first_round_cached"].split(" of "))
+    assert cached == 0 and first_round == int(plan["templates_augmented"]) * 2
+    assert run("expand", EXAMPLE, "-o", out, "-c", settings).exit_code == 0
+    sent = server.count
+    after = run("expand", EXAMPLE, "-o", out, "-c", settings, "--estimate")
+    plan = dict(line.split(": ", 1) for line in after.stdout.splitlines())
+    assert plan["first_round_cached"] == f"{first_round} of {first_round}"
+    assert server.count == sent

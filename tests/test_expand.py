@@ -20,6 +20,7 @@ from helpers import read_jsonl
 from typer.testing import CliRunner, Result
 
 from instraug.cli import app
+from instraug.funnel import REASONS
 from instraug.multiinstruct import CONSTANTS, read_instances, render_fields
 from instraug.placeholders import CompiledTemplate, RenderError, mask_placeholders, placeholders_of
 
@@ -226,17 +227,20 @@ def test_every_kept_template_renders_on_the_instances_of_its_task(first: FirstRu
 def test_report_funnel_agrees_with_generations(first: FirstRun) -> None:
     rows = first.rows("generations.jsonl")
     report = first.report
-    reasons = Counter(reason for row in rows for reason in row["reasons"])
-    assert report["funnel"] == {
-        "generated": len(rows),
-        "kept": sum(row["kept"] for row in rows),
-        "rejected_by": dict(reasons),
-    }
+
+    def counts(of: list[dict[str, Any]]) -> dict[str, Any]:
+        first_reason = Counter(min(r["reasons"], key=REASONS.index) for r in of if r["reasons"])
+        return {
+            "generated": len(of),
+            "kept": sum(r["kept"] for r in of),
+            "removed": {r: first_reason[r] for r in REASONS if first_reason[r]},
+            "flagged": {r: n for r in REASONS if (n := sum(r in x["reasons"] for x in of))},
+        }
+
+    assert {k: v for k, v in report["funnel"].items() if k != "render_skipped"} == counts(rows)
     for task, entry in report["funnel_by_task"].items():
         of_task = [row for row in rows if row["task"] == task]
-        assert entry["generated"] == len(of_task)
-        assert entry["kept"] == sum(row["kept"] for row in of_task)
-        assert entry["rejected_by"] == dict(Counter(r for row in of_task for r in row["reasons"]))
+        assert {k: v for k, v in entry.items() if k != "render_skipped"} == counts(of_task)
     assert set(report["funnel_by_task"]) == {row["task"] for row in rows}
     for task, entry in report["achieved_factor"].items():
         of_task = [row for row in rows if row["task"] == task]
@@ -245,6 +249,36 @@ def test_report_funnel_agrees_with_generations(first: FirstRun) -> None:
         assert entry["kept"] == sum(row["kept"] for row in of_task)
         assert entry["short"] == (entry["kept"] < 2 * len(roots))
     assert report["assembly"]["written"] == len(first.rows("train.jsonl"))
+
+
+def test_the_pool_holds_exactly_what_the_funnel_kept_per_task(first: FirstRun) -> None:
+    """One verdict per generation: the funnel's kept count is the pool's generated rows, per task."""
+    pool = Counter(row["task"] for row in first.rows("instructions.jsonl") if row["origin"] == "generated")
+    kept = {task: entry["kept"] for task, entry in first.report["funnel_by_task"].items() if entry["kept"]}
+    assert kept and dict(pool) == kept
+    rejected = Counter(row["task"] for row in first.rows("rejected.jsonl"))
+    assert dict(rejected) == {
+        task: entry["generated"] - entry["kept"]
+        for task, entry in first.report["funnel_by_task"].items()
+        if entry["generated"] > entry["kept"]
+    }
+
+
+def test_rows_of_tasks_upstreams_build_skips_are_counted(first: FirstRun) -> None:
+    skipped = first.report["assembly"]["skipped"]
+    raw = Counter(task for _f, _l, task, row in read_instances(EXAMPLE) if row is None)
+    assert skipped == dict(raw) == {"image_generation": 2}
+    assert not [row for row in first.rows("train.jsonl") if row["task_name"] == "image_generation"]
+
+
+def test_the_printed_summary_is_the_report_funnel(first: FirstRun, tmp_path: Path) -> None:
+    out = copy_run(first, tmp_path)
+    result = expand(out, first.config)
+    funnel = first.report["funnel"]
+    assert f"generated {funnel['generated']}, kept {funnel['kept']}" in result.stderr
+    for reason, flagged in funnel["flagged"].items():
+        removed = funnel["removed"].get(reason, 0)
+        assert f"  removed by {reason}: {removed} (flagged {flagged})" in result.stderr
 
 
 def test_held_out_instances_are_absent_from_train(first: FirstRun) -> None:

@@ -466,10 +466,11 @@ def test_every_applicable_rule_is_reported_in_funnel_order() -> None:
 # The chain: state, determinism, ids, streaming
 
 
-def test_kept_count_and_the_stage2_judge_protocol() -> None:
+def test_kept_count_and_the_pool_row_of_a_verdict() -> None:
     chain = RuleChain()
-    kept, why, row = chain.judge_row(gen(raw="Describe what is in {A}.", request_hash="abc"))
-    assert (kept, why) == (True, [])
+    verdict = chain.judge(gen(raw="Describe what is in {A}.", request_hash="abc"))
+    assert (verdict.kept, verdict.reasons) == (True, [])
+    row = verdict.instruction
     assert row is not None
     assert row == {
         "task": "GC",
@@ -487,7 +488,8 @@ def test_kept_count_and_the_stage2_judge_protocol() -> None:
         "model": "test-model",
         "request_hash": "abc",
     }
-    assert chain(gen(raw="No, {A} is empty.")) == (False, ["answer_like"], None)
+    rejected = chain.judge(gen(raw="No, {A} is empty."))
+    assert (rejected.kept, rejected.reasons, rejected.instruction) == (False, ["answer_like"], None)
     assert chain.kept_count("GC/1") == 1
     chain.judge(gen(raw="Identify what {A} shows."))
     chain.judge(gen(raw="identify what {A} shows!"))  # identical to the last keep

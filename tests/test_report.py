@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import write_jsonl
+from helpers import read_jsonl, write_jsonl
 from typer.testing import Result
 
 from instraug import report as report_module
 from instraug.errors import InputError
+from instraug.funnel import REASONS
 from instraug.llm.cache import ResponseCache
 from instraug.report import (
     distinct_n,
@@ -26,7 +27,6 @@ from instraug.report import (
     read_run,
     write_report,
 )
-from instraug.stages.s3_filter import REASONS
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 needs_matplotlib = pytest.mark.skipif(
@@ -354,6 +354,29 @@ def test_plots_are_drawn_and_linked(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{name}](report/{name}.png)" in markdown
     assert "Plots: not drawn" not in markdown
+
+
+@needs_matplotlib
+def test_a_report_of_an_unchanged_run_redraws_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run(tmp_path / "run", report_json=REPORT_JSON)
+    first = write_report(run).read_bytes()
+    drawn: list[str] = []
+    real = report_module.draw_plots
+    monkeypatch.setattr(
+        report_module, "draw_plots", lambda facts, folder: drawn.append("x") or real(facts, folder)
+    )
+    assert write_report(run).read_bytes() == first
+    assert drawn == []  # nothing the plots show changed
+    rows = read_jsonl(run / "generations.jsonl")
+    write_jsonl(run / "generations.jsonl", rows[:-1])
+    write_report(run)
+    assert drawn == ["x"]  # the funnel changed: drawn again
+    (run / "report" / "factor.png").unlink()
+    write_jsonl(run / "generations.jsonl", rows[:-1])
+    write_report(run)
+    assert drawn == ["x", "x"] and (run / "report" / "factor.png").is_file()  # a plot went missing
 
 
 def test_errors_name_the_file_and_line(tmp_path: Path) -> None:

@@ -33,17 +33,18 @@ def expand(
 ) -> None:
     """Run every stage (meta-prompts, generation, filters, assembly); redo only what changed."""
     from instraug.config import load_config
-    from instraug.expand import expand as run_expand
+    from instraug.funnel import REASONS
+    from instraug.pipeline import run_pipeline
 
     settings = load_config(config)
     if estimate:
-        from instraug.expand import estimate_run
+        from instraug.pipeline import estimate_run
 
         plan = estimate_run(directory, output, settings, cache)
         for key, value in plan.items():
             typer.echo(f"{key}: {value}")
         return
-    result = run_expand(
+    result = run_pipeline(
         directory,
         output,
         settings,
@@ -55,11 +56,16 @@ def expand(
     report = result.report
     funnel = report["funnel"]
     info(f"generated {funnel['generated']}, kept {funnel['kept']}", quiet)
-    for reason, n in funnel["rejected_by"].items():
-        info(f"  rejected by {reason}: {n}", quiet)
+    removed, flagged = funnel["removed"], funnel["flagged"]
+    for reason in (r for r in REASONS if r in flagged):  # funnel order: removed at the first rule failed
+        info(f"  removed by {reason}: {removed.get(reason, 0)} (flagged {flagged[reason]})", quiet)
     for task, entry in report["achieved_factor"].items():
         flag = "  (short)" if entry["short"] else ""
         info(f"  {task}: factor {entry['achieved_factor']} of {entry['target_factor']}{flag}", quiet)
+    skipped = report["assembly"].get("skipped") or {}
+    if skipped:
+        tasks = ", ".join(f"{task} ({n})" for task, n in skipped.items())
+        info(f"  rows of tasks upstream's build skips (image-code outputs, missing tasks): {tasks}", quiet)
     written = report["assembly"].get("written")
     info(f"{written} training instances -> {output / 'train.jsonl'}; report: {output / 'report.md'}", quiet)
     outcome = report["outcome"]

@@ -102,11 +102,10 @@ class RunStats:
     @property
     def cost(self) -> float | None:
         """Spent on the requests sent, when prices are configured."""
-        if self.price_per_1k_input is None and self.price_per_1k_output is None:
-            return None
-        return self.prompt_tokens / 1000 * (
-            self.price_per_1k_input or 0.0
-        ) + self.completion_tokens / 1000 * (self.price_per_1k_output or 0.0)
+        from instraug.funnel import cost
+
+        prices = (self.price_per_1k_input, self.price_per_1k_output)
+        return cost(self.prompt_tokens, self.completion_tokens, *prices)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready numbers."""

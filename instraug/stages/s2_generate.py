@@ -182,6 +182,7 @@ def generate(
                 row["template"] = verdict.template
                 row["kept"] = verdict.kept
                 row["reasons"] = verdict.reasons
+                row["notes"] = verdict.notes
                 yield row
                 if verdict.kept and instruction is not None:
                     state.kept += 1
@@ -277,12 +278,15 @@ class Estimate:
 
     def cost(self, config: Config) -> float | None:
         """Upper bound of the cost, when prices are configured."""
+        from instraug.funnel import cost
+
         llm = config.llm
-        if llm.price_per_1k_input is None and llm.price_per_1k_output is None:
-            return None
-        return self.prompt_tokens_max / 1000 * (
-            llm.price_per_1k_input or 0.0
-        ) + self.completion_tokens_max / 1000 * (llm.price_per_1k_output or 0.0)
+        return cost(
+            self.prompt_tokens_max,
+            self.completion_tokens_max,
+            llm.price_per_1k_input,
+            llm.price_per_1k_output,
+        )
 
 
 def estimate(

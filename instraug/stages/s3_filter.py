@@ -21,7 +21,7 @@ from instraug.jsonl import atomic_writer, read_jsonl
 from instraug.multiinstruct import instance_files, read_instances
 from instraug.pool import _validated as validated_rows  # the pool's own row validation
 from instraug.records import Verdict
-from instraug.stages.s3_rules import RuleChain
+from instraug.stages.s3_rules import RuleChain, validate_generation
 
 __all__ = ["REASONS", "FilterSummary", "Judged", "filter_generations", "filter_to_pool", "sample_instances"]
 
@@ -131,3 +131,38 @@ def filter_to_pool(
 
 def _name_of(path: str | Path) -> str:
     return "<stdin>" if str(path) == "-" else str(path)
+
+
+def pool_from_verdicts(
+    generations: str | Path, templates: str | Path, output: str | Path, rejected: str | Path | None = None
+) -> dict[str, Any]:
+    """The pool from the verdicts stage 2 recorded (no rule runs again): the rows of `templates`, then
+    every generation row marked kept. Rows not kept go to `rejected`. Returns the funnel counts."""
+    from instraug.funnel import RunFunnel
+    from instraug.records import pool_row
+
+    originals = [row for _name, _line, row in validated_rows(read_jsonl(templates), _name_of(templates))]
+    funnel = RunFunnel()
+    source = _name_of(generations)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(atomic_writer(output))
+        bad = stack.enter_context(atomic_writer(rejected)) if rejected is not None else None
+        for original in originals:
+            out.write(original.model_dump(mode="json"))
+        for line, row in read_jsonl(generations):
+            reasons, template = row.get("reasons"), row.get("template")
+            if not isinstance(reasons, list) or row.get("kept") is not (not reasons):
+                raise InputError("a judged generation row needs 'kept' and its 'reasons'", source, line)
+            try:
+                gen = validate_generation(row)
+            except InputError as exc:
+                raise InputError(exc.reason, source, line) from None
+            funnel.add(gen.task, gen.root_id, Verdict(list(reasons)))
+            if reasons:
+                if bad is not None:
+                    bad.write(row)
+            elif isinstance(template, str):
+                out.write(pool_row(gen, template))
+            else:
+                raise InputError("a kept generation row needs its 'template'", source, line)
+    return {"originals": len(originals), **funnel.overall.as_dict()}

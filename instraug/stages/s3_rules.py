@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from instraug.config import FilterConfig
-from instraug.errors import InputError, TemplateError
+from instraug.errors import InputError, TemplateError, validation_reason
 from instraug.funnel import REASON_ORDER, FilterSummary
 from instraug.multiinstruct import CONSTANTS, VariantSelector, render_fields
 from instraug.placeholders import (
@@ -194,7 +194,7 @@ class RuleChain:
         templates: list[str] = []
         for row in rows:
             try:
-                gen = _validated(row)
+                gen = validate_generation(row)
                 if gen.raw is None or gen.error:
                     continue
                 _cleaned, template, _reasons = build_candidate(
@@ -213,16 +213,9 @@ class RuleChain:
         """How many rewrites of this input template were kept so far."""
         return self._kept[template_id]
 
-    def judge_row(self, row: Mapping[str, Any]) -> tuple[bool, list[str], dict[str, Any] | None]:
-        """The stage-2 `Judge` protocol: (kept, reasons, pool row or None)."""
-        verdict = self.judge(row)
-        return verdict.kept, verdict.reasons, verdict.instruction
-
-    __call__ = judge_row
-
     def judge(self, row: Mapping[str, Any]) -> Verdict:
         """Run every rule on one generation row; a kept row is remembered."""
-        gen = _validated(row)
+        gen = validate_generation(row)
         verdict = self._judge(gen)
         verdict.reasons.sort(key=REASON_ORDER.__getitem__)
         if verdict.kept and verdict.template is not None:
@@ -325,16 +318,13 @@ class RuleChain:
         return found
 
 
-def _validated(row: Mapping[str, Any]) -> Generation:
+def validate_generation(row: Mapping[str, Any]) -> Generation:
+    """A generation row as a record; an InputError names the wrong field (the caller adds path:line)."""
     try:
         return Generation.model_validate(row)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).replace("Input should be", "must be")
-        if err["type"] == "missing":
-            msg = "missing (needs template_id, task, root_id, parent_template, root_template)"
-        raise InputError(f"{key}: {msg}") from None
+        needs = "missing (needs template_id, task, root_id, parent_template, root_template)"
+        raise InputError(validation_reason(exc, missing=needs)) from None
 
 
 def _source_shape(template: str, which: str) -> _Shape:

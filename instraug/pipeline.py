@@ -1,4 +1,10 @@
-"""`instraug expand`: stages 1 -> 4 on a MultiInstruct directory, redoing only what changed."""
+"""The pipeline: stages 1 -> 4 on a MultiInstruct checkout into a run directory, redoing only the
+stages whose inputs changed. One runner owns the run directory (its lock, its state, its report).
+
+Each stage is a `Stage`: its output file, the fingerprint of what determines that output, and how to
+make it. Stage 2 judges every generation with the stage-3 rules as answers arrive and records the
+verdict in the row; the pool is built from those recorded verdicts, never by judging again.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from instraug.errors import (
     InputError,
     InstraugError,
 )
+from instraug.funnel import FilterSummary
 from instraug.jsonl import read_jsonl, write_jsonl
 from instraug.locks import run_dir_lock
 from instraug.multiinstruct import import_templates, instance_files, read_instances
@@ -40,7 +47,7 @@ STAGES = ("templates", "meta_prompts", "generations", "instructions", "train")
 
 
 @dataclass
-class ExpandResult:
+class RunResult:
     out: Path
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "up to date" | ...
     llm: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +64,7 @@ def _llm_identity(config: Config) -> dict[str, Any]:
     return {"backend": llm.backend, "model": llm.model, "model_path": llm.model_path, "seed": llm.seed}
 
 
-def expand(
+def run_pipeline(
     directory: Path,
     out: Path,
     config: Config,
@@ -66,7 +73,7 @@ def expand(
     quiet: bool = False,
     cache_path: Path | None = None,
     log: Callable[[str], None] = lambda _msg: None,
-) -> ExpandResult:
+) -> RunResult:
     """Run every stage whose inputs changed since the last run into `out`.
 
     One run at a time holds `out` (RUN_DIR/.instraug.lock). Every run that gets it ends by writing
@@ -77,7 +84,7 @@ def expand(
     if not source.is_file():
         raise InputError("not a MultiInstruct directory: no instruction_templates.py", directory)
     make_run_dir(out)
-    result = ExpandResult(out)
+    result = RunResult(out)
     with run_dir_lock(out):
         try:
             _run_stages(directory, out, config, result, offline, quiet, cache_path, log)
@@ -103,7 +110,7 @@ def make_run_dir(out: Path) -> None:
         raise InputError(f"cannot create the run directory: {why}", out) from None
 
 
-def _finish(out: Path, config: Config, result: ExpandResult, seconds: float) -> None:
+def _finish(out: Path, config: Config, result: RunResult, seconds: float) -> None:
     """report.json and report.md of this run, written together."""
     from instraug.report import write_report
 
@@ -112,11 +119,21 @@ def _finish(out: Path, config: Config, result: ExpandResult, seconds: float) -> 
     write_report(out, summary=result.report)
 
 
+@dataclass
+class Stage:
+    """One step of the pipeline: `run` makes `output`; `inputs` fingerprints what determines it."""
+
+    name: str
+    output: Path
+    inputs: Callable[[], str]
+    run: Callable[[], dict[str, Any] | None]
+
+
 def _run_stages(
     directory: Path,
     out: Path,
     config: Config,
-    result: ExpandResult,
+    result: RunResult,
     offline: bool,
     quiet: bool,
     cache_path: Path | None,
@@ -127,14 +144,14 @@ def _run_stages(
     split = config.assembly.split
     inputs = [file_digest(f) for f in instance_files(directory, split)]
     paths = {name: out / name for name in (TEMPLATES, META_PROMPTS, GENERATIONS, INSTRUCTIONS, TRAIN)}
-
     session: list[LLMSession] = []  # opened on first use: up-to-date stages never start the model
 
     def failures() -> int:
         return session[0].stats.failures if session else 0
 
-    def stage(name: str, output: Path, print_: str, run: Callable[[], dict[str, Any] | None]) -> None:
-        if state.fresh(name, output, print_):
+    def run_stage(stage: Stage) -> None:
+        name, print_ = stage.name, stage.inputs()
+        if state.fresh(name, stage.output, print_):
             result.stages[name] = "up to date"
             log(f"{name}: up to date")
             return
@@ -142,7 +159,7 @@ def _run_stages(
         failures_before = failures()
         result.stages[name] = "failed"
         try:
-            summary = run()
+            summary = stage.run()
         except BaseException:
             state.forget(name)
             raise
@@ -159,16 +176,10 @@ def _run_stages(
             if unreachable is not None:  # the server is down: the next stages would only fail too
                 raise unreachable
             return
-        state.record(name, output, print_, summary)
+        state.record(name, stage.output, print_, summary)
 
-    # 1. templates
-    stage(
-        "templates",
-        paths[TEMPLATES],
-        fingerprint("templates", file_digest(source)),
-        lambda: {"templates": write_jsonl(paths[TEMPLATES], (t.as_row() for t in import_templates(source)))},
-    )
-    templates = [row for _line, row in read_jsonl(paths[TEMPLATES])]
+    def templates() -> list[dict[str, Any]]:
+        return [row for _line, row in read_jsonl(paths[TEMPLATES])]
 
     with contextlib.ExitStack() as stack:
 
@@ -182,17 +193,13 @@ def _run_stages(
                 )
             return session[0]
 
-        # 2. meta-prompts
         from instraug.stages.s1_meta_prompts import build_meta_prompts, load_seeds
 
         seeds = load_seeds(config.meta_prompts.directory)
-        meta_print = fingerprint(
-            "meta_prompts",
-            seeds.model_dump(),
-            config.meta_prompts.model_dump(),
-            config.sampling.model_dump(),
-            _llm_identity(config),
-        )
+
+        def run_templates() -> dict[str, Any]:
+            rows = (t.as_row() for t in import_templates(source))
+            return {"templates": write_jsonl(paths[TEMPLATES], rows)}
 
         def run_meta() -> dict[str, Any]:
             needs_llm = config.meta_prompts.bootstrap and config.meta_prompts.merge != "curated"
@@ -202,100 +209,111 @@ def _run_stages(
             write_jsonl(paths[META_PROMPTS], (p.model_dump() for p in built.prompts))
             return {"meta_prompts": len(built.prompts), "bootstrapped": built.bootstrapped}
 
-        stage("meta_prompts", paths[META_PROMPTS], meta_print, run_meta)
-
-        # 3. generation (judged by the stage-3 rules as answers arrive)
-        gen_print = fingerprint(
-            "generations",
-            file_digest(paths[TEMPLATES]),
-            file_digest(paths[META_PROMPTS]),
-            config.sampling.model_dump(),
-            config.expansion.model_dump(),
-            config.filters.model_dump(),
-            config.assembly.held_out_tasks,
-            _llm_identity(config),
-            inputs,
-        )
-
         def run_generate() -> dict[str, Any]:
             from instraug.records import MetaPrompt
             from instraug.stages.s2_generate import GenerationSummary, generate
-            from instraug.stages.s3_filter import RuleChain
+            from instraug.stages.s3_rules import RuleChain
 
             metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(paths[META_PROMPTS])]
             summary = GenerationSummary()
-            with RuleChain(
-                config.filters, _samples(directory, config, templates), originals=templates
-            ) as chain:
-                rows = generate(
-                    templates,
-                    metas,
-                    seeds,
-                    config,
-                    llm(),
-                    chain.judge,
-                    summary,
-                    config.budget,
-                    chain.prefetch,
+            rows = templates()
+            with RuleChain(config.filters, _samples(directory, config, rows), originals=rows) as chain:
+                generated = generate(
+                    rows, metas, seeds, config, llm(), chain.judge, summary, config.budget, chain.prefetch
                 )
-                write_jsonl(paths[GENERATIONS], rows)
+                write_jsonl(paths[GENERATIONS], generated)
             if summary.stopped:
                 result.stopped = summary.stopped
                 log(
                     f"generations: stopped early, {summary.stopped}; run again with a larger budget to resume"
                 )
-            return {"requests": summary.requests, "skipped": summary.skipped}
+            return {
+                "requests": summary.requests,
+                "skipped": summary.skipped,
+                "render_skipped": chain.summary.render_skipped,
+            }
 
-        stage("generations", paths[GENERATIONS], gen_print, run_generate)
+        def run_pool() -> dict[str, Any]:
+            from instraug.stages.s3_filter import pool_from_verdicts
 
-    # 4. filter -> instruction pool
-    filter_print = fingerprint(
-        "instructions",
-        file_digest(paths[GENERATIONS]),
-        file_digest(paths[TEMPLATES]),
-        config.filters.model_dump(),
-        inputs,
-    )
+            return pool_from_verdicts(
+                paths[GENERATIONS], paths[TEMPLATES], paths[INSTRUCTIONS], out / REJECTED
+            )
 
-    def run_filter() -> dict[str, Any] | None:
-        from instraug.stages.s3_filter import filter_to_pool
+        def run_assemble() -> dict[str, Any]:
+            from instraug.pool import InstructionPool
+            from instraug.stages.s4_assemble import AssemblySummary, assemble
 
-        return filter_to_pool(
-            paths[GENERATIONS],
-            paths[TEMPLATES],
-            paths[INSTRUCTIONS],
-            out / REJECTED,
-            config.filters,
-            _samples(directory, config, templates),
-        )
+            summary = AssemblySummary()
+            rows = assemble(
+                InstructionPool.load(paths[INSTRUCTIONS]),
+                read_instances(directory, split),
+                epsilon=config.assembly.epsilon,
+                seed=config.assembly.seed,
+                held_out=config.assembly.held_out_tasks,
+                shuffle_options=config.assembly.shuffle_options,
+                summary=summary,
+            )
+            write_jsonl(paths[TRAIN], rows)
+            return summary.as_dict()
 
-    stage("instructions", paths[INSTRUCTIONS], filter_print, run_filter)
+        def digest(name: str) -> str:
+            return file_digest(paths[name])
 
-    # 5. assembly
-    def run_assemble() -> dict[str, Any]:
-        from instraug.pool import InstructionPool
-        from instraug.stages.s4_assemble import AssemblySummary, assemble
+        llm_identity = _llm_identity(config)
+        stages = [
+            Stage(
+                "templates",
+                paths[TEMPLATES],
+                lambda: fingerprint("templates", file_digest(source)),
+                run_templates,
+            ),
+            Stage(
+                "meta_prompts",
+                paths[META_PROMPTS],
+                lambda: fingerprint(
+                    "meta_prompts",
+                    seeds.model_dump(),
+                    config.meta_prompts.model_dump(),
+                    config.sampling.model_dump(),
+                    llm_identity,
+                ),
+                run_meta,
+            ),
+            Stage(
+                "generations",  # judged by the stage-3 rules as answers arrive
+                paths[GENERATIONS],
+                lambda: fingerprint(
+                    "generations",
+                    digest(TEMPLATES),
+                    digest(META_PROMPTS),
+                    config.sampling.model_dump(),
+                    config.expansion.model_dump(),
+                    config.filters.model_dump(),
+                    config.assembly.held_out_tasks,
+                    llm_identity,
+                    inputs,
+                ),
+                run_generate,
+            ),
+            Stage(
+                "instructions",  # the pool, from the verdicts recorded in generations.jsonl
+                paths[INSTRUCTIONS],
+                lambda: fingerprint("instructions", digest(GENERATIONS), digest(TEMPLATES)),
+                run_pool,
+            ),
+            Stage(
+                "train",
+                paths[TRAIN],
+                lambda: fingerprint("train", digest(INSTRUCTIONS), inputs, config.assembly.model_dump()),
+                run_assemble,
+            ),
+        ]
+        for stage in stages:
+            run_stage(stage)
 
-        summary = AssemblySummary()
-        rows = assemble(
-            InstructionPool.load(paths[INSTRUCTIONS]),
-            read_instances(directory, split),
-            epsilon=config.assembly.epsilon,
-            seed=config.assembly.seed,
-            held_out=config.assembly.held_out_tasks,
-            shuffle_options=config.assembly.shuffle_options,
-            summary=summary,
-        )
-        write_jsonl(paths[TRAIN], rows)
-        return summary.as_dict()
 
-    assemble_print = fingerprint(
-        "train", file_digest(paths[INSTRUCTIONS]), inputs, config.assembly.model_dump()
-    )
-    stage("train", paths[TRAIN], assemble_print, run_assemble)
-
-
-def _llm_use(result: ExpandResult, session: LLMSession) -> None:
+def _llm_use(result: RunResult, session: LLMSession) -> None:
     result.llm = session.stats.as_dict()
     result.failures = session.stats.failures
     result.first_failure = session.first_failure
@@ -309,59 +327,41 @@ def _samples(directory: Path, config: Config, templates: list[dict[str, Any]]) -
 
 
 def build_report(
-    out: Path, config: Config, result: ExpandResult, assembly: dict[str, Any], seconds: float
+    out: Path, config: Config, result: RunResult, assembly: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
     """report.json: what happened, funnel per rule and per task, achieved factor, LLM use, time."""
     stages = {name: result.stages.get(name, "not run") for name in STAGES}
     if result.error is not None:
         # The outputs on disk are not (all) this run's: the report says what stopped it, no more.
         return {
-            "outcome": _outcome(result, stages, {}),
+            "outcome": _outcome(result, stages, None),
             "stages": stages,
             "stopped": result.stopped,
             "llm": result.llm,
             "seconds": round(seconds, 2),
         }
+    from instraug.funnel import RunFunnel
+
     originals: Counter[str] = Counter()
     for _line, row in read_jsonl(out / TEMPLATES):
         originals[row["task"]] += 1
-    funnel: dict[str, Any] = {"generated": 0, "kept": 0, "rejected_by": Counter()}
-    by_task: dict[str, dict[str, Any]] = {}
-    roots: dict[str, set[str]] = {}
-    for _line, row in read_jsonl(out / GENERATIONS):
-        task = row["task"]
-        entry = by_task.setdefault(task, {"generated": 0, "kept": 0, "rejected_by": Counter()})
-        roots.setdefault(task, set()).add(row["root_id"])
-        for bucket in (funnel, entry):
-            bucket["generated"] += 1
-            bucket["kept"] += bool(row.get("kept"))
-            bucket["rejected_by"].update(row.get("reasons") or [])
-    factor = config.expansion.factor
-    achieved = {
-        task: {
-            "templates_augmented": len(roots[task]),
-            "kept": entry["kept"],
-            "achieved_factor": round(entry["kept"] / len(roots[task]), 3),
-            "target_factor": factor,
-            "short": entry["kept"] < factor * len(roots[task]),
-        }
-        for task, entry in sorted(by_task.items())
-    }
+    funnel = RunFunnel.read(out / GENERATIONS)
+    funnel.overall.render_skipped = int(RunState(out).summary("generations").get("render_skipped", 0))
     return {
-        "outcome": _outcome(result, stages, funnel),
+        "outcome": _outcome(result, stages, funnel.overall),
         "stages": stages,
         "stopped": result.stopped,
         "templates": dict(sorted(originals.items())),
-        "funnel": _plain(funnel),
-        "funnel_by_task": {task: _plain(entry) for task, entry in sorted(by_task.items())},
-        "achieved_factor": achieved,
+        "expansion": {"factor": config.expansion.factor},
+        **funnel.as_dict(),
+        "achieved_factor": funnel.achieved(config.expansion.factor),
         "llm": result.llm,
         "assembly": assembly,
         "seconds": round(seconds, 2),
     }
 
 
-def _outcome(result: ExpandResult, stages: dict[str, str], funnel: dict[str, Any]) -> dict[str, Any]:
+def _outcome(result: RunResult, stages: dict[str, str], funnel: FilterSummary | None) -> dict[str, Any]:
     """How the run ended, its exit code, and a message that says so ("" for a run that met its plan)."""
     if result.error is not None:
         ran = [name for name, status in stages.items() if status != "not run"]
@@ -389,14 +389,14 @@ def _outcome(result: ExpandResult, stages: dict[str, str], funnel: dict[str, Any
         )
     if result.failures:
         parts.append("A re-run sends the failed requests again.")
-    if not funnel.get("kept"):
-        generated = funnel.get("generated", 0)
+    if funnel is not None and not funnel.kept:
+        generated = funnel.generated
         if not generated:
             parts.append("No rephrasing was kept: no template was sent for rephrasing.")
         elif every_request_failed:
             parts.append("No rephrasing was kept.")
         else:
-            reasons = sorted(funnel["rejected_by"].items(), key=lambda item: (-item[1], item[0]))
+            reasons = sorted(funnel.flagged.items(), key=lambda item: (-item[1], item[0]))
             flagged = ", ".join(f"{reason} {n}" for reason, n in reasons)
             parts.append(f"No rephrasing was kept: all {generated} rewrites were rejected ({flagged}).")
     if result.stopped:
@@ -408,16 +408,12 @@ def _outcome(result: ExpandResult, stages: dict[str, str], funnel: dict[str, Any
     return {"status": status, "exit_code": code, "message": " ".join(parts)}
 
 
-def _plain(bucket: dict[str, Any]) -> dict[str, Any]:
-    return {**bucket, "rejected_by": dict(sorted(bucket["rejected_by"].items()))}
-
-
 def estimate_run(
     directory: Path, out: Path, config: Config, cache_path: Path | None = None
 ) -> dict[str, Any]:
     """The planned requests, tokens and cost of `expand`, without sending anything."""
-    from instraug.llm.base import derive_seed, get_backend
-    from instraug.llm.cache import ResponseCache, request_key
+    from instraug.llm import count_cached
+    from instraug.llm.base import get_backend
     from instraug.records import MetaPrompt
     from instraug.stages.s1_meta_prompts import load_seeds
     from instraug.stages.s2_generate import estimate
@@ -440,11 +436,7 @@ def estimate_run(
     model = get_backend(config.llm.backend).resolve_model(config.llm)
 
     def cached(requests: list[Any]) -> int:
-        if not path.is_file():
-            return 0
-        keys = [request_key(model, r, derive_seed(config.llm.seed, r.sample_index)) for r in requests]
-        with ResponseCache(path) as cache:
-            return len(cache.get_many(keys))
+        return count_cached(path, config.llm, requests)
 
     plan = estimate(templates, metas, seeds, config, cached)
     cost = plan.cost(config)
