@@ -1,5 +1,5 @@
 """report.md for a run directory: the filter funnel, expansion factors, instruction lengths,
-lexical diversity and LLM use, as tables; PNG plots beside it when matplotlib is installed.
+lexical diversity, examples and LLM use, as tables; PNG plots beside it when matplotlib is installed.
 
 Everything is read from the run's files, so the same run directory always gives the same bytes.
 """
@@ -7,233 +7,26 @@ Everything is read from the run's files, so the same run directory always gives 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
-import json
-import random
-import re
 import statistics
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from instraug.errors import InputError, TemplateError
-from instraug.funnel import REASONS, FilterSummary, RunFunnel
-from instraug.jsonl import atomic_binary, read_jsonl
-from instraug.placeholders import parse_template
-from instraug.rundir import CACHE, GENERATIONS, INSTRUCTIONS, PLOTS, REPORT_JSON, REPORT_MD, TEMPLATES, TRAIN
+from instraug.funnel import REASONS
+from instraug.jsonl import atomic_binary
+from instraug.report_plots import PLOTS_DIR, draw_plots_once, remove_plots
+from instraug.run_facts import (
+    EXAMPLES_PER_TASK,
+    RunFacts,
+    distinct_n,
+    length_histogram,
+    mean_pairwise_jaccard,
+    read_run,
+)
+from instraug.rundir import REPORT_JSON, REPORT_MD
 
-PLOT_NAMES = ("funnel", "factor", "lengths")
-PLOTS_DIR = PLOTS
 PLOTS_EXTRA = "pip install 'instraug[report]'"
-BIN_WIDTH = 5  # words per histogram bin
-MAX_PAIRS_PER_TASK = 5000  # beyond this, the pairwise similarity of a task is taken on a seeded sample
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
-
-
-# --------------------------------------------------------------------------------------------
-# Measures
-
-
-def instruction_words(template: str) -> list[str]:
-    """Lower-cased words of a template's literal text; each placeholder counts as one word."""
-    words: list[str] = []
-    for part in parse_template(template):
-        words.extend(_WORD.findall(part.lower()) if isinstance(part, str) else [str(part)])
-    return words
-
-
-def distinct_n(texts: Iterable[Sequence[str]], n: int) -> float | None:
-    """Distinct n-grams / all n-grams over a set of tokenized texts (None when there are none)."""
-    seen: set[tuple[str, ...]] = set()
-    total = 0
-    for tokens in texts:
-        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else None
-
-
-def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    """|a & b| / |a | b| of two word sets (two empty sets are identical)."""
-    union = len(a | b)
-    return len(a & b) / union if union else 1.0
-
-
-def mean_pairwise_jaccard(groups: dict[str, list[frozenset[str]]]) -> float | None:
-    """Mean word-set Jaccard over all pairs within each group (a seeded sample in large groups)."""
-    total, pairs = 0.0, 0
-    for name, sets in sorted(groups.items()):
-        for i, j in _pairs(len(sets), name):
-            total += jaccard(sets[i], sets[j])
-            pairs += 1
-    return total / pairs if pairs else None
-
-
-def _pairs(count: int, seed: str) -> Iterator[tuple[int, int]]:
-    """Every pair of `count` items, or a seeded sample of MAX_PAIRS_PER_TASK of them when more."""
-    if count * (count - 1) // 2 <= MAX_PAIRS_PER_TASK:
-        yield from itertools.combinations(range(count), 2)
-        return
-    rng = random.Random(seed)  # a str seed does not depend on PYTHONHASHSEED
-    for _ in range(MAX_PAIRS_PER_TASK):
-        i, j = rng.sample(range(count), 2)
-        yield i, j
-
-
-def length_histogram(facts: RunFacts, width: int = BIN_WIDTH) -> tuple[list[str], dict[str, list[int]]]:
-    """Bin labels ("0–4", "5–9", ...) up to the longest instruction, and each set's count per bin."""
-    lengths = facts.lengths()
-    bins = 1 + max((n // width for v in lengths.values() for n in v), default=-1)
-    labels = [f"{k * width}–{k * width + width - 1}" for k in range(bins)]
-    counts = {name: [0] * bins for name in lengths}
-    for name, v in lengths.items():
-        for n in v:
-            counts[name][n // width] += 1
-    return labels, counts
-
-
-# --------------------------------------------------------------------------------------------
-# What a run directory holds
-
-
-@dataclass
-class InstructionSet:
-    """The original or the generated instructions of a pool, tokenized."""
-
-    words: list[list[str]] = field(default_factory=list)
-    by_task: dict[str, list[frozenset[str]]] = field(default_factory=dict)
-
-    def add(self, task: str, words: list[str]) -> None:
-        self.words.append(words)
-        self.by_task.setdefault(task, []).append(frozenset(words))
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(w) for w in self.words]
-
-
-@dataclass
-class RunFacts:
-    """Everything report.md shows, read from one run directory."""
-
-    name: str
-    originals: Counter[str] = field(default_factory=Counter)  # task -> original templates
-    verdicts: RunFunnel = field(default_factory=RunFunnel)
-    original: InstructionSet = field(default_factory=InstructionSet)
-    generated: InstructionSet = field(default_factory=InstructionSet)
-    to_root: list[float] = field(default_factory=list)  # Jaccard of each generated row to its root
-    target_factor: int | None = None
-    llm: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] | None = None
-    train: Counter[str] | None = None  # instruction_origin -> training rows
-    outcome: str = ""  # how the last `instraug expand` ended, when it was not simply as planned
-    failed: bool = False  # an error stopped that run: its outputs are not all there, or not its own
-    stages: dict[str, str] = field(default_factory=dict)  # stage -> what that run did with it
-
-    @property
-    def funnel(self) -> FilterSummary:
-        return self.verdicts.overall
-
-    @property
-    def funnel_by_task(self) -> dict[str, FilterSummary]:
-        return self.verdicts.by_task
-
-    @property
-    def roots(self) -> dict[str, set[str]]:
-        return self.verdicts.roots
-
-    @property
-    def tasks(self) -> list[str]:
-        return sorted(set(self.originals) | set(self.funnel_by_task))
-
-    def lengths(self) -> dict[str, list[int]]:
-        return {"original": self.original.lengths, "generated": self.generated.lengths}
-
-
-def read_run(run_dir: Path, summary: dict[str, Any] | None = None) -> RunFacts:
-    """Read the funnel, pool, training set, report.json (or `summary`) and cache of a run directory."""
-    if summary is None:
-        summary = _read_summary(run_dir / REPORT_JSON)
-    facts = RunFacts(run_dir.resolve().name)
-    outcome = summary.get("outcome")
-    if isinstance(outcome, dict):
-        facts.outcome = str(outcome.get("message") or "")
-        facts.failed = outcome.get("status") == "failed"
-    stages = summary.get("stages")
-    facts.stages = {str(k): str(v) for k, v in stages.items()} if isinstance(stages, dict) else {}
-    facts.llm = dict(summary.get("llm") or {})
-    facts.target_factor = _target_factor(summary)
-    if not facts.failed:
-        _read_outputs(run_dir, facts)
-    if (run_dir / CACHE).is_file():
-        from instraug.llm.cache import ResponseCache
-
-        with ResponseCache(run_dir / CACHE) as cache:
-            facts.cache = cache.stats()
-    return facts
-
-
-def _read_summary(path: Path) -> dict[str, Any]:
-    """report.json, or {} when there is none."""
-    if not path.is_file():
-        return {}
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"malformed JSON: {exc}", path) from None
-    if not isinstance(summary, dict):
-        raise InputError("malformed report: not a JSON object", path)
-    return summary
-
-
-def _read_outputs(run_dir: Path, facts: RunFacts) -> None:
-    for name in (TEMPLATES, GENERATIONS, INSTRUCTIONS):
-        if not (run_dir / name).is_file():
-            raise InputError(f"not a run directory: no {name} (run `instraug expand` first)", run_dir)
-    for _line, row in read_jsonl(run_dir / TEMPLATES):
-        facts.originals[row["task"]] += 1
-    facts.verdicts = RunFunnel.read(run_dir / GENERATIONS)
-    _read_pool(run_dir / INSTRUCTIONS, facts)
-    if (run_dir / TRAIN).is_file():
-        facts.train = Counter(str(row.get("instruction_origin")) for _l, row in read_jsonl(run_dir / TRAIN))
-
-
-def _read_pool(path: Path, facts: RunFacts) -> None:
-    roots: dict[str, frozenset[str]] = {}
-    generated: list[tuple[str, frozenset[str], int]] = []  # root_id, words, line
-    for line, row in read_jsonl(path):
-        try:
-            words = instruction_words(row["template"])
-        except (KeyError, TypeError):
-            raise InputError("a pool row needs a 'template' string", path, line) from None
-        except TemplateError as exc:
-            raise InputError(f"template does not parse: {exc.reason}", path, line) from None
-        which = facts.generated if row.get("origin") == "generated" else facts.original
-        which.add(str(row.get("task")), words)
-        if which is facts.original:
-            roots[str(row.get("instruction_id"))] = frozenset(words)
-        else:
-            generated.append((str(row.get("root_id")), frozenset(words), line))
-    for root_id, word_set, line in generated:
-        if root_id not in roots:
-            raise InputError(f"root_id {root_id!r} is not an original of the pool", path, line)
-        facts.to_root.append(jaccard(word_set, roots[root_id]))
-
-
-def _target_factor(summary: dict[str, Any]) -> int | None:
-    """expansion.factor as the run recorded it, if it did."""
-    expansion = summary.get("expansion")
-    if isinstance(expansion, dict) and isinstance(expansion.get("factor"), int):
-        return int(expansion["factor"])
-    for entry in (summary.get("achieved_factor") or {}).values():
-        if isinstance(entry, dict) and isinstance(entry.get("target_factor"), int):
-            return int(entry["target_factor"])
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,11 +49,11 @@ def write_report(run_dir: Path, *, plots: bool = True, summary: dict[str, Any] |
             note = "Plots: not drawn (turned off)."
         elif facts.failed:
             note = ""
-            _remove_plots(run_dir / PLOTS_DIR, keep=())
+            remove_plots(run_dir / PLOTS_DIR, keep=())
         else:
             try:
                 images = draw_plots_once(facts, run_dir / PLOTS_DIR)
-                _remove_plots(run_dir / PLOTS_DIR, keep=images)
+                remove_plots(run_dir / PLOTS_DIR, keep=images)
                 note = ""
             except ImportError:
                 note = f"Plots: not drawn, they need matplotlib, the report extra: `{PLOTS_EXTRA}`."
@@ -291,7 +84,7 @@ def render_markdown(facts: RunFacts, images: dict[str, str], note: str = "") -> 
     out += _funnel_section(facts) + _image(images, "funnel")
     out += _factor_section(facts) + _image(images, "factor")
     out += _length_section(facts) + _image(images, "lengths")
-    out += _diversity_section(facts) + _llm_section(facts)
+    out += _diversity_section(facts) + _examples_section(facts) + _llm_section(facts)
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -482,6 +275,36 @@ def _plain(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _examples_section(facts: RunFacts) -> list[str]:
+    out = [
+        "## Examples per task",
+        "",
+        f"The first {EXAMPLES_PER_TASK} kept rewrites of each task beside their original, and the first "
+        f"{EXAMPLES_PER_TASK} rejected with their reasons: read them before training on the pool.",
+        "",
+    ]
+    tasks = sorted(set(facts.kept_examples) | {t for t, r in facts.rejected_examples.items() if r})
+    if not tasks:
+        return [*out, "No rewrites.", ""]
+    for task in tasks:
+        out += [f"### {task}", ""]
+        kept = [
+            [_cell(facts.templates.get(root, root)), _cell(text)]
+            for root, text in facts.kept_examples.get(task, [])
+        ]
+        out += _table(["original", "kept rewrite"], kept, "ll") if kept else ["No rewrite kept."]
+        out.append("")
+        rejected = [[_cell(text), ", ".join(why)] for text, why in facts.rejected_examples.get(task, [])]
+        if rejected:
+            out += [*_table(["rejected rewrite", "reasons"], rejected, "ll"), ""]
+    return out
+
+
+def _cell(text: str) -> str:
+    """Text in a markdown table cell: pipes escaped, line breaks shown as ⏎."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎")
+
+
 def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     rule = ["---:" if a == "r" else "---" for a in align]
     return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
@@ -503,120 +326,3 @@ def _target(facts: RunFacts) -> str:
     if facts.target_factor is None:
         return "unknown (report.json does not record expansion.factor)"
     return f"{facts.target_factor} kept rewrites per original template (expansion.factor)"
-
-
-# --------------------------------------------------------------------------------------------
-# Plots (matplotlib, the report extra)
-
-
-PLOTS_STAMP = ".instraug-plots.json"  # beside the plots folder: what its PNGs were drawn from
-
-
-def draw_plots_once(facts: RunFacts, folder: Path) -> dict[str, str]:
-    """The plots of `facts`, drawn only when what they show changed since they were last drawn.
-
-    A re-run of an up-to-date run directory redraws nothing (drawing takes seconds).
-    """
-    from instraug import __version__
-
-    lengths = facts.lengths()
-    key = hashlib.sha256(
-        orjson.dumps(
-            [
-                __version__,
-                facts.verdicts.as_dict(),
-                facts.verdicts.achieved(facts.target_factor),
-                facts.target_factor,
-                lengths,
-            ],
-            option=orjson.OPT_SORT_KEYS,
-        )
-    ).hexdigest()
-    stamp = folder.parent / PLOTS_STAMP
-    with contextlib.suppress(OSError, ValueError):
-        recorded = json.loads(stamp.read_text(encoding="utf-8"))
-        drawn = recorded.get("drawn") if recorded.get("key") == key else None
-        if isinstance(drawn, dict) and all((folder.parent / str(p)).is_file() for p in drawn.values()):
-            return {str(k): str(v) for k, v in drawn.items()}
-    images = draw_plots(facts, folder)
-    with atomic_binary(stamp) as fp:
-        fp.write(orjson.dumps({"key": key, "drawn": images}, option=orjson.OPT_SORT_KEYS))
-    return images
-
-
-def draw_plots(facts: RunFacts, folder: Path) -> dict[str, str]:
-    """funnel.png, factor.png and lengths.png in `folder`; name -> path relative to the run dir."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # ImportError without the extra
-    from matplotlib.figure import Figure
-
-    def figure(width: float, height: float) -> tuple[Figure, Any]:
-        fig = Figure(figsize=(width, height))
-        FigureCanvasAgg(fig)
-        return fig, fig.add_subplot()
-
-    def save(fig: Figure, name: str) -> str:
-        fig.tight_layout()
-        with atomic_binary(folder / f"{name}.png") as fp:
-            fig.savefig(fp, format="png", dpi=100, metadata={"Software": None})
-        return f"{PLOTS_DIR}/{name}.png"
-
-    drawn: dict[str, str] = {}
-    tasks = sorted(facts.funnel_by_task)
-    if tasks:
-        fig, ax = figure(9, 1.4 + 0.45 * len(tasks))
-        segments = [("kept", [facts.funnel_by_task[t].kept for t in tasks])]
-        segments += [(r, [facts.funnel_by_task[t].removed[r] for t in tasks]) for r in REASONS]
-        left = [0] * len(tasks)
-        for i, (label, values) in enumerate(segments):
-            if any(values):
-                ax.barh(tasks, values, left=left, label=label, color=_PALETTE[i % len(_PALETTE)])
-                left = [a + b for a, b in zip(left, values, strict=True)]
-        ax.invert_yaxis()
-        ax.set_title("Filter funnel per task")
-        ax.set_xlabel("LLM rewrites: kept, or removed at their first failing rule")
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        drawn["funnel"] = save(fig, "funnel")
-
-        fig, ax = figure(9, 1.4 + 0.45 * len(tasks))
-        achieved = [facts.funnel_by_task[t].kept / max(len(facts.roots.get(t, ())), 1) for t in tasks]
-        ax.barh(tasks, achieved, color=_PALETTE[0], label="achieved")
-        if facts.target_factor is not None:
-            ax.axvline(facts.target_factor, color="black", linestyle="--", label="target")
-        ax.invert_yaxis()
-        ax.set_title("Expansion factor per task")
-        ax.set_xlabel("kept rewrites per original template rephrased")
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        drawn["factor"] = save(fig, "factor")
-
-    labels, counts = length_histogram(facts)
-    if labels:
-        fig, ax = figure(max(6, 0.5 * len(labels) + 2), 4)
-        for i, (name, values) in enumerate(counts.items()):
-            total = sum(values) or 1
-            xs = [k + (i - 0.5) * 0.4 for k in range(len(labels))]
-            ax.bar(
-                xs,
-                [100 * v / total for v in values],
-                width=0.4,
-                label=f"{name} ({sum(values)})",
-                color=_PALETTE[9 if i else 2],
-            )
-        ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize="small")
-        ax.set_title("Instruction length, original vs generated")
-        ax.set_xlabel("words")
-        ax.set_ylabel("% of the set")
-        ax.legend()
-        drawn["lengths"] = save(fig, "lengths")
-    return drawn
-
-
-def _remove_plots(folder: Path, keep: Iterable[str]) -> None:
-    """Delete the PNGs not drawn this time: they would show an earlier run."""
-    for name in set(PLOT_NAMES) - set(keep):
-        with contextlib.suppress(OSError):
-            (folder / f"{name}.png").unlink()
-
-
-_PALETTE = (
-    "#2ca02c #d62728 #ff7f0e #9467bd #8c564b #e377c2 #7f7f7f #bcbd22 #17becf #1f77b4 #aec7e8 #ffbb78".split()
-)

@@ -96,7 +96,9 @@ def test_the_cycle_finder_finds_a_circle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("lower", ["instraug.stages", "instraug.report"])
+@pytest.mark.parametrize(
+    "lower", ["instraug.stages", "instraug.report", "instraug.run_facts", "instraug.report_plots"]
+)
 def test_stages_and_the_report_never_import_upward(lower: str) -> None:
     upward = ("instraug.cli", "instraug.expand", "instraug.pipeline")
     offenders = {
@@ -107,8 +109,9 @@ def test_stages_and_the_report_never_import_upward(lower: str) -> None:
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-def test_the_report_imports_no_stage() -> None:
-    assert not {t for t in import_graph()["instraug.report"] if t.startswith("instraug.stages")}
+@pytest.mark.parametrize("module", ["instraug.report", "instraug.run_facts", "instraug.report_plots"])
+def test_the_report_imports_no_stage(module: str) -> None:
+    assert not {t for t in import_graph()[module] if t.startswith("instraug.stages")}
 
 
 # --------------------------------------------------------------------------------------------

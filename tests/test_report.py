@@ -14,18 +14,18 @@ import pytest
 from helpers import read_jsonl, write_jsonl
 from typer.testing import Result
 
-from instraug import report as report_module
+from instraug import report_plots, run_facts
 from instraug.errors import InputError
 from instraug.funnel import REASONS
 from instraug.llm.cache import ResponseCache
-from instraug.report import (
+from instraug.report import write_report
+from instraug.run_facts import (
     distinct_n,
     instruction_words,
     jaccard,
     length_histogram,
     mean_pairwise_jaccard,
     read_run,
-    write_report,
 )
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -181,7 +181,7 @@ def test_pairwise_jaccard_by_hand() -> None:
 
 
 def test_large_groups_are_sampled_with_a_fixed_seed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report_module, "MAX_PAIRS_PER_TASK", 10)
+    monkeypatch.setattr(run_facts, "MAX_PAIRS_PER_TASK", 10)
     sets = [frozenset({str(i), str(i % 3)}) for i in range(30)]
     first = mean_pairwise_jaccard({"t": sets})
     assert first == mean_pairwise_jaccard({"t": sets})
@@ -363,9 +363,9 @@ def test_a_report_of_an_unchanged_run_redraws_nothing(
     run = make_run(tmp_path / "run", report_json=REPORT_JSON)
     first = write_report(run).read_bytes()
     drawn: list[str] = []
-    real = report_module.draw_plots
+    real = report_plots.draw_plots
     monkeypatch.setattr(
-        report_module, "draw_plots", lambda facts, folder: drawn.append("x") or real(facts, folder)
+        report_plots, "draw_plots", lambda facts, folder: drawn.append("x") or real(facts, folder)
     )
     assert write_report(run).read_bytes() == first
     assert drawn == []  # nothing the plots show changed
@@ -477,3 +477,27 @@ def test_plots_of_an_earlier_run_are_removed_when_not_drawn_again(tmp_path: Path
     markdown = write_report(run).read_text()
     assert sorted(p.name for p in (run / "report").iterdir()) == ["lengths.png"]
     assert "![funnel]" not in markdown and "![lengths](report/lengths.png)" in markdown
+
+
+def test_the_report_shows_kept_and_rejected_examples_per_task(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", report_json=REPORT_JSON)
+    rows = read_jsonl(run / "generations.jsonl")
+    odd = generation("vqa", "vqa/0", 900, ["placeholders", "answer_like"], "It is {A} | red\nok")
+    write_jsonl(run / "generations.jsonl", [odd, *rows])
+    markdown = write_report(run, plots=False).read_text()
+    section = markdown.split("## Examples per task\n", 1)[1].split("\n## ", 1)[0]
+    originals = {i: s for _t, i, s in ORIGINALS}
+    for task in sorted({t for t, _r, _s in KEPT}):
+        shown = [(r, s) for t, r, s in KEPT if t == task][:3]
+        body = section.split(f"### {task}\n", 1)[1].split("\n### ", 1)[0]
+        for root, text in shown:
+            assert f"| {originals[root]} | {text} |" in body.replace("\\|", "|").replace("⏎", "\n")
+    vqa = section.split("### vqa\n", 1)[1].split("\n### ", 1)[0]
+    assert (
+        "| It is {A} \\| red⏎ok | placeholders, answer_like |" in vqa
+    )  # a pipe or line break stays in its cell
+    assert "| (no reply) | placeholders |" in vqa  # a rejected row without text
+    assert (
+        len([line for line in vqa.splitlines() if line.startswith("| ") and "rewrite" not in line])
+        == 2 + 3 + 3
+    )
