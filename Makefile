@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,local,semantic,report,hf
+EXTRAS ?= test,local,semantic,report,hf,language
 
 # llama.cpp's default native build turns on AMX where the CPU reports it, and on some virtual
 # machines the server then dies on its first request: build llama-cpp-python for portable AVX2.

@@ -25,10 +25,16 @@ REASONS: tuple[str, ...] = (
     "identical",  # same as the root, the parent, an original of the task or an earlier keep
     "banned_pattern",  # a filters.banned_patterns regex matches
     "answer_like",  # an answer, a description or assistant talk instead of an instruction
+    "control_token",  # a model's control token (<|im_end|>, <start_of_image>) in the reply
+    "foreign_text",  # letters of another script, or words neither English nor the original's
+    "example_copy",  # a run of words copied from the example turns of the request
+    "meaning_flip",  # a contrast word of the original replaced by its opposite (least -> most)
+    "content_lost",  # too few of the task's key words left (filters.meaning.min_key_words_kept)
     "render_fails",  # does not render on a sample instance of its task
     "semantic_drift",  # embedding similarity to the root below filters.semantic.min_similarity
     "near_copy",  # embedding similarity to the root at or above filters.semantic.max_similarity
     "near_duplicate",  # too close to an earlier kept rewrite of the same root (filters.near_duplicate)
+    "judge",  # the LLM judge said the rewrite asks for another task (filters.judge)
 )
 REASON_ORDER: dict[str, int] = {reason: i for i, reason in enumerate(REASONS)}
 

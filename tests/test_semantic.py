@@ -296,7 +296,7 @@ def test_semantic_skips_rows_without_a_candidate(tmp_path: Path) -> None:
 
 
 def test_reason_codes_come_last_in_funnel_order() -> None:
-    assert REASONS[-3:] == ("semantic_drift", "near_copy", "near_duplicate")
+    assert REASONS[-4:] == ("semantic_drift", "near_copy", "near_duplicate", "judge")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from instraug.placeholders import (
 )
 from instraug.records import Generation, Instruction, Verdict, pool_row
 from instraug.stages.s3_cleanup import answer_like, clean_response
+from instraug.stages.s3_meaning import MeaningRules
 from instraug.stages.s3_semantic import SemanticRules, constant_text
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class RuleChain:
         *,
         originals: Iterable[Instruction | Mapping[str, Any]] = (),
         embedder: Embedder | None = None,
+        examples: Iterable[str] = (),
     ) -> None:
         """`samples`: task -> an instance or a list of instances for `render_fails` (None: no check);
         `originals`: pool rows (records or dicts) a rewrite must not repeat within their task;
@@ -157,6 +159,7 @@ class RuleChain:
         self.summary = FilterSummary()
         self._banned = [re.compile(p, re.IGNORECASE) for p in self.config.banned_patterns]
         self._task_keys: dict[str, set[str]] = {}
+        texts: dict[str, list[str]] = {}
         for row in originals:
             task, template, iid = (
                 (row["task"], row["template"], row.get("instruction_id"))
@@ -164,9 +167,12 @@ class RuleChain:
                 else (row.task, row.template, row.instruction_id)
             )
             try:
-                self._task_keys.setdefault(task, set()).add(_shape(template).key)
+                shape = _shape(template)
             except TemplateError as exc:
                 raise TemplateError(f"{iid}: {exc.reason}") from None
+            self._task_keys.setdefault(task, set()).add(shape.key)
+            texts.setdefault(task, []).append(shape.display)
+        self._meaning = MeaningRules(self.config.meaning, texts, examples)
         self._kept_keys: dict[str, set[str]] = {}
         self._kept: Counter[str] = Counter()
         self._requests: set[str] = set()
@@ -254,6 +260,9 @@ class RuleChain:
             if why:
                 verdict.reasons.append("answer_like")
                 verdict.notes["answer_like"] = why
+        for reason, note in self._meaning.check(gen.task, cleaned, display, root.display).items():
+            verdict.reasons.append(reason)
+            verdict.notes[reason] = note
         if template is not None:
             found = self._semantic.check(gen.root_id, template, gen.root_template)
             for reason, note in found.items():
