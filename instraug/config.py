@@ -62,27 +62,6 @@ Number = Annotated[float, BeforeValidator(_finite_number), Field(allow_inf_nan=F
 Bool = Annotated[bool, Strict()]
 
 
-def _one_or_more_urls(value: Any) -> Any:
-    # llm.base_url: one URL, or a list of distinct URLs (several endpoints serving the same model).
-    if value is None or isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise PydanticCustomError("url_type", "must be a URL or a list of URLs")
-    if not value:
-        raise PydanticCustomError("url_list", "must name at least one URL")
-    for i, url in enumerate(value):
-        if not isinstance(url, str) or not url.strip():
-            raise PydanticCustomError("url_item", "item {i} must be a URL", {"i": i})
-    repeated = next((url for i, url in enumerate(value) if url in value[:i]), None)
-    if repeated is not None:
-        raise PydanticCustomError("url_repeated", "names {url} twice", {"url": repeated})
-    return value
-
-
-#: One URL, or a non-empty list of distinct URLs.
-URLs = Annotated[str | list[str] | None, BeforeValidator(_one_or_more_urls)]
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -91,12 +70,7 @@ class LLMConfig(Section):
     backend: str = "local"
     model: str | None = None
     model_path: str | None = None
-    #: One URL or a list: requests are spread across the endpoints, max_concurrency each.
-    base_url: URLs = None
-    #: Consecutive connection errors / timeouts / 5xx after which an endpoint is set aside ...
-    endpoint_max_failures: Int = Field(3, ge=1, le=1000)
-    #: ... for this many seconds; it comes back once it answers /v1/models again.
-    endpoint_cooldown: Number = Field(30.0, gt=0, le=3600)
+    base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: Int = Field(4, ge=1, le=4096)
     requests_per_minute: Number | None = Field(None, gt=0)
@@ -112,25 +86,6 @@ class LLMConfig(Section):
     n_threads: Int | None = Field(None, ge=1, le=1024)
     price_per_1k_input: Number | None = Field(None, ge=0)
     price_per_1k_output: Number | None = Field(None, ge=0)
-    #: online: each request its own call | batch: each round's uncached requests as OpenAI batches.
-    mode: Literal["online", "batch"] = "online"
-    #: batch: where expired or failed items go again: sent online, or in one more batch (up to
-    #: max_retries more batches).
-    batch_retry: Literal["online", "batch"] = "online"
-    #: batch: seconds between two status checks of a submitted batch.
-    batch_poll_interval: Number = Field(30.0, gt=0, le=3600)
-    #: batch: requests per batch file (OpenAI takes at most 50,000); larger rounds are split.
-    batch_max_requests: Int = Field(50_000, ge=1, le=50_000)
-    #: batch: the share of the online prices a batch costs (OpenAI: half), for costs and --estimate.
-    batch_discount: Number = Field(0.5, ge=0, le=1)
-
-    @field_validator("mode")
-    @classmethod
-    def _batch_needs_the_batch_api(cls, value: str, info: Any) -> str:
-        backend = info.data.get("backend")
-        if value == "batch" and backend not in (None, "openai"):
-            raise ValueError(f"batch needs backend: openai (a server with the Batch API), not '{backend}'")
-        return value
 
 
 class SamplingConfig(Section):
@@ -138,10 +93,6 @@ class SamplingConfig(Section):
     top_p: Number = Field(1.0, gt=0, le=1)
     max_tokens: Int = Field(96, ge=1)
     stop: list[str] = Field(default_factory=list)
-    #: Constrained decoding of stage 2: a one-line reply holding each mask token as often as the
-    #: instruction. grammar: a GBNF grammar (llama.cpp servers, the local backend) | guided: a regular
-    #: expression (vLLM's structured outputs) | auto: grammar with the local backend, else none | none.
-    constrain: Literal["none", "auto", "grammar", "guided"] = "none"
 
     @field_validator("temperatures")
     @classmethod
@@ -165,11 +116,6 @@ class ExpansionConfig(Section):
     max_attempts: Int = Field(6, ge=1)
     iterations: Int = Field(1, ge=1, le=10)
     protect_placeholders: Bool = True
-    #: How a rephrasing is asked for, each shape adding one change to the one before: paper (the
-    #: meta-prompt as system message, the template as user turn) | examples (+ example turns) |
-    #: user_turn (meta-prompt and rules in the user turn) | core (+ placeholder runs at the start and
-    #: the end of the template hidden, and put back verbatim).
-    request_shape: Literal["paper", "examples", "user_turn", "core"] = "core"
 
 
 #: Talk about the rewriting itself, which never belongs in an instruction (filters.banned_patterns).
