@@ -75,6 +75,9 @@ class ScriptedOpenAIServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.times: list[float] = []
+        #: What GET /v1/models answers instead of the model list (a health check that fails), if set.
+        self.models_reply: Reply | None = None
+        self.models_checks: list[float] = []  # when /v1/models was asked
         self._log = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in close()
         self._lock = threading.Lock()
         self._httpd = _QuietHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -134,7 +137,9 @@ class ScriptedOpenAIServer:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
-                    self._send(Reply(body={"object": "list", "data": [{"id": "fake", "object": "model"}]}))
+                    server.models_checks.append(time.monotonic())
+                    models = Reply(body={"object": "list", "data": [{"id": "fake", "object": "model"}]})
+                    self._send(server.models_reply or models)
                 else:
                     self._send(Reply(status=404, body={"error": {"message": "no such route"}}))
 

@@ -98,6 +98,8 @@ class RunStats:
     truncated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: With several endpoints: per endpoint, requests answered, failed calls and times set aside.
+    endpoints: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def cost(self) -> float | None:
@@ -109,7 +111,7 @@ class RunStats:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready numbers."""
-        return {
+        data: dict[str, Any] = {
             "requests": self.requests,
             "cache_hits": self.cache_hits,
             "requests_sent": self.requests_sent,
@@ -121,6 +123,9 @@ class RunStats:
             "completion_tokens": self.completion_tokens,
             "cost": self.cost,
         }
+        if self.endpoints:
+            data["endpoints"] = {url: dict(counts) for url, counts in self.endpoints.items()}
+        return data
 
     def summary(self) -> str:
         """One line for people."""
@@ -136,6 +141,12 @@ class RunStats:
         ]
         if self.truncated:
             parts.append(f"{self.truncated} cut at max_tokens")
+        for url, counts in self.endpoints.items():
+            trouble = [f"{counts['failed_calls']} failed calls"] if counts["failed_calls"] else []
+            trouble += [f"set aside {counts['set_aside']}x"] if counts["set_aside"] else []
+            parts.append(
+                f"{url} answered {counts['requests']}" + (f" ({', '.join(trouble)})" if trouble else "")
+            )
         if self.cost is not None:
             parts.append(f"cost {self.cost:.4f}")
         return "LLM: " + ", ".join(parts)

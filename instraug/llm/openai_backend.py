@@ -1,4 +1,8 @@
-"""Any OpenAI-compatible server: the one place that builds the client; bounded concurrency, retries."""
+"""Any OpenAI-compatible server(s): the one place that builds the client; bounded concurrency, retries.
+
+`llm.base_url` may list several endpoints serving the same model: one client each, `max_concurrency`
+requests in flight on each, spread and set aside by llm/endpoints.py.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from instraug.errors import LLMError
 from instraug.llm.base import Backend, ChatRequest, Completion, RunStats, register_backend
+from instraug.llm.endpoints import COUNTERS, Endpoint, EndpointPool, endpoint_name
 from instraug.llm.responses import (
     MAX_RETRY_AFTER,
     RejectedRequest,
@@ -32,6 +37,10 @@ if TYPE_CHECKING:
 #: Sent when no key is set and the server is not api.openai.com (vLLM, Ollama, llama.cpp ignore it).
 PLACEHOLDER_KEY = "no-key"
 _RETRY_STATUS = frozenset({408, 409, 429})
+#: Failures that say the endpoint, not the request, is in trouble: counted towards setting it aside.
+_ENDPOINT_FAILURES = frozenset({"connection", "timeout", "server_error"})
+#: Longest wait for an endpoint's health check (/v1/models).
+_HEALTH_TIMEOUT = 10.0
 
 
 def build_client(*, base_url: str | None, api_key: str, timeout: float, connections: int) -> AsyncOpenAI:
@@ -75,13 +84,28 @@ class OpenAIBackend(Backend):
 
     def __init__(self, config: LLMConfig, stats: RunStats, *, quiet: bool = False) -> None:
         super().__init__(config, stats, quiet=quiet)
-        self.base_url: str | None = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        configured = config.base_url
+        self.base_urls: list[str | None] = (
+            list(configured)
+            if isinstance(configured, list)
+            else [configured or os.environ.get("OPENAI_BASE_URL") or None]
+        )
         self._api_key = ""
-        self._client: AsyncOpenAI | None = None
+        self._pool: EndpointPool | None = None
         self._group_size = config.n
         self._interval = 60.0 / config.requests_per_minute if config.requests_per_minute else 0.0
         self._next_slot = 0.0
-        self._pause_until = 0.0
+
+    @property
+    def base_url(self) -> str | None:
+        """The endpoint (several: joined by commas); None means OpenAI's API."""
+        if self.base_urls == [None]:
+            return None
+        return ", ".join(endpoint_name(url) for url in self.base_urls)
+
+    @base_url.setter
+    def base_url(self, url: str | None) -> None:
+        self.base_urls = [url]
 
     @classmethod
     def resolve_model(cls, config: LLMConfig) -> str:
@@ -100,20 +124,55 @@ class OpenAIBackend(Backend):
             self._api_key = PLACEHOLDER_KEY
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
+
+    async def _endpoints(self) -> EndpointPool:
+        """The endpoints, each with its client; on first use, those failing health are set aside."""
+        if self._pool is None:
+            several = len(self.base_urls) > 1
+            endpoints = []
+            for url in self.base_urls:
+                client = build_client(
+                    base_url=url,
+                    api_key=self._api_key or PLACEHOLDER_KEY,
+                    timeout=self.config.timeout,
+                    connections=self.config.max_concurrency,
+                )
+                endpoint = Endpoint(url, client)
+                if several:  # the summary shows requests per endpoint
+                    endpoint.counts = self.stats.endpoints.setdefault(
+                        endpoint.name, dict.fromkeys(COUNTERS, 0)
+                    )
+                endpoints.append(endpoint)
+            self._pool = EndpointPool(
+                endpoints,
+                capacity=self.config.max_concurrency,
+                max_failures=self.config.endpoint_max_failures,
+                cooldown=self.config.endpoint_cooldown,
+                healthy=self._healthy,
+            )
+            await self._pool.check_health()
+        return self._pool
+
+    async def _healthy(self, endpoint: Endpoint) -> bool:
+        """True when the endpoint answers /v1/models (an error status below 500 still says it is up)."""
+        import openai
+
+        try:
+            timeout = min(self.config.timeout, _HEALTH_TIMEOUT)
+            await endpoint.client.get("/models", cast_to=bytes, options={"timeout": timeout})
+        except openai.APIStatusError as exc:
+            return exc.status_code < 500
+        except openai.APIError:
+            return False
+        return True
 
     async def complete(self, requests: Sequence[ChatRequest]) -> AsyncIterator[Completion]:
         if not requests:
             return
-        if self._client is None:
-            self._client = build_client(
-                base_url=self.base_url,
-                api_key=self._api_key or PLACEHOLDER_KEY,
-                timeout=self.config.timeout,
-                connections=self.config.max_concurrency,
-            )
+        pool = await self._endpoints()
         todo = deque(group_samples(requests, self.config.n))
         results: asyncio.Queue[Completion | BaseException] = asyncio.Queue()
 
@@ -136,7 +195,7 @@ class OpenAIBackend(Backend):
                 todo.clear()  # a fatal error: start nothing new
                 results.put_nowait(exc)
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(self.config.max_concurrency, len(todo)))]
+        workers = [asyncio.create_task(worker()) for _ in range(min(pool.slots, len(todo)))]
         try:
             for _ in range(len(requests)):
                 item = await results.get()
@@ -170,10 +229,11 @@ class OpenAIBackend(Backend):
             before_sleep=self._count_retry,
             reraise=True,
         )
+        failed_on: list[Endpoint] = []  # where each failed attempt went: a retry goes elsewhere if it can
         try:
             async for attempt in retrying:
                 with attempt:
-                    data = await self._post(params)
+                    data, endpoint = await self._post(params, failed_on)
         except RetryableError as exc:
             tries = self.config.max_retries + 1
             return [self._failure(r, f"{exc.cause} after {tries} attempts: {exc}") for r in group], []
@@ -204,6 +264,7 @@ class OpenAIBackend(Backend):
                 zip(group[: len(choices)], choices, strict=True)
             )
         ]
+        endpoint.counts["requests"] += len(answered)
         if len(choices) < len(group):
             # The server gives fewer samples per call than asked (llama.cpp, Ollama): ask for fewer.
             self._group_size = max(1, min(self._group_size, len(choices)))
@@ -226,49 +287,73 @@ class OpenAIBackend(Backend):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         self.stats.retries[exc.cause if isinstance(exc, RetryableError) else "other"] += 1
 
-    async def _throttle(self) -> None:
-        """Wait for a rate-limit slot and for any pause a server asked for."""
+    async def _throttle(self, endpoint: Endpoint) -> None:
+        """Wait for a rate-limit slot (llm.requests_per_minute is for all endpoints together) and for
+        any pause the endpoint asked for."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        start = max(now, self._pause_until)
+        start = max(now, endpoint.paused_until)
         if self._interval:
             start = max(start, self._next_slot)
             self._next_slot = start + self._interval
         if start > now:
             await asyncio.sleep(start - now)
 
-    async def _post(self, params: dict[str, Any]) -> dict[str, Any]:
-        """One HTTP attempt; every failure becomes RetryableError, RejectedRequest or LLMError."""
+    async def _post(
+        self, params: dict[str, Any], failed_on: list[Endpoint]
+    ) -> tuple[dict[str, Any], Endpoint]:
+        """One HTTP attempt on an endpoint in use (not the one that failed last, if another has room).
+
+        Every failure becomes RetryableError, RejectedRequest or LLMError; the endpoint's own failures
+        (connection, timeout, 5xx) count towards setting it aside, and a retry leaves at once when
+        they did.
+        """
+        assert self._pool is not None
+        endpoint = await self._pool.acquire(avoid=failed_on[-1] if failed_on else None)
+        try:
+            content = await self._send(endpoint, params)
+        except RetryableError as exc:
+            if exc.cause in _ENDPOINT_FAILURES:
+                exc.elsewhere = self._pool.failed(endpoint)
+            failed_on.append(endpoint)
+            raise
+        finally:
+            self._pool.release(endpoint)
+        self._pool.succeeded(endpoint)
+        return parse_choices(content), endpoint
+
+    async def _send(self, endpoint: Endpoint, params: dict[str, Any]) -> bytes:
+        """The HTTP request itself, on the endpoint's client."""
         import openai
 
-        assert self._client is not None
-        await self._throttle()
+        await self._throttle(endpoint)
         self.stats.api_calls += 1
         try:
             # The client's documented raw request: its chat.completions.create() would spend more CPU
             # re-typing these plain parameters and building pydantic models than the rest of a request.
-            content = await self._client.post("/chat/completions", body=params, cast_to=bytes)
+            content: bytes = await endpoint.client.post("/chat/completions", body=params, cast_to=bytes)
         except openai.APITimeoutError:
             raise RetryableError("timeout", f"no answer within {self.config.timeout:g} s") from None
         except openai.APIConnectionError as exc:
-            raise self._unreachable(self._scrub(f"cannot reach the server: {exc.__cause__ or exc}")) from None
+            server = f"the server at {endpoint.name}" if len(self.base_urls) > 1 else "the server"
+            raise self._unreachable(self._scrub(f"cannot reach {server}: {exc.__cause__ or exc}")) from None
         except openai.APIStatusError as exc:
-            raise self._status_error(exc) from None
-        return parse_choices(content)
+            raise self._status_error(exc, endpoint) from None
+        return content
 
     def _unreachable(self, message: str) -> Exception:
         """What a connection failure means here: worth a retry."""
         return RetryableError("connection", message)
 
-    def _status_error(self, exc: APIStatusError) -> Exception:
+    def _status_error(self, exc: APIStatusError, endpoint: Endpoint) -> Exception:
         status = exc.status_code
         message = self._scrub(server_message(exc))
-        where = self.base_url or "api.openai.com"
+        where = endpoint.name
         if status in _RETRY_STATUS or status >= 500:
             retry_after = retry_after_seconds(exc.response.headers) if status in (429, 503) else None
             if retry_after is not None:
-                loop = asyncio.get_running_loop()
-                self._pause_until = max(self._pause_until, loop.time() + min(retry_after, MAX_RETRY_AFTER))
+                pause = asyncio.get_running_loop().time() + min(retry_after, MAX_RETRY_AFTER)
+                endpoint.paused_until = max(endpoint.paused_until, pause)
             cause = "rate_limit" if status == 429 else "server_error" if status >= 500 else f"http_{status}"
             return RetryableError(cause, f"HTTP {status}: {message}", retry_after)
         if status == 400 and is_context_overflow(message):

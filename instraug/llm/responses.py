@@ -19,12 +19,17 @@ MAX_RETRY_AFTER = 300.0
 
 
 class RetryableError(Exception):
-    """A failed attempt worth repeating; `cause` names it in the retry statistics."""
+    """A failed attempt worth repeating; `cause` names it in the retry statistics.
+
+    `elsewhere` is set when the endpoint it failed on was set aside and another one is in use, so
+    the retry can go there without waiting.
+    """
 
     def __init__(self, cause: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.cause = cause
         self.retry_after = retry_after
+        self.elsewhere = False
 
 
 class RejectedRequest(Exception):
@@ -32,13 +37,16 @@ class RejectedRequest(Exception):
 
 
 class WaitRetryAfterOrBackoff(wait_base):
-    """Wait what the server asked for (Retry-After), else exponential backoff with full jitter."""
+    """No wait when the retry goes to another endpoint; else what the server asked for (Retry-After),
+    else exponential backoff with full jitter."""
 
     def __init__(self, initial: float, maximum: float) -> None:
         self.backoff = wait_random_exponential(multiplier=initial, max=maximum)
 
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RetryableError) and exc.elsewhere:
+            return 0.0
         if isinstance(exc, RetryableError) and exc.retry_after is not None:
             return min(exc.retry_after, MAX_RETRY_AFTER)
         return float(self.backoff(retry_state))
