@@ -62,6 +62,27 @@ Number = Annotated[float, BeforeValidator(_finite_number), Field(allow_inf_nan=F
 Bool = Annotated[bool, Strict()]
 
 
+def _one_or_more_urls(value: Any) -> Any:
+    # llm.base_url: one URL, or a list of distinct URLs (several endpoints serving the same model).
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise PydanticCustomError("url_type", "must be a URL or a list of URLs")
+    if not value:
+        raise PydanticCustomError("url_list", "must name at least one URL")
+    for i, url in enumerate(value):
+        if not isinstance(url, str) or not url.strip():
+            raise PydanticCustomError("url_item", "item {i} must be a URL", {"i": i})
+    repeated = next((url for i, url in enumerate(value) if url in value[:i]), None)
+    if repeated is not None:
+        raise PydanticCustomError("url_repeated", "names {url} twice", {"url": repeated})
+    return value
+
+
+#: One URL, or a non-empty list of distinct URLs.
+URLs = Annotated[str | list[str] | None, BeforeValidator(_one_or_more_urls)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -70,7 +91,12 @@ class LLMConfig(Section):
     backend: str = "local"
     model: str | None = None
     model_path: str | None = None
-    base_url: str | None = None
+    #: One URL or a list: requests are spread across the endpoints, max_concurrency each.
+    base_url: URLs = None
+    #: Consecutive connection errors / timeouts / 5xx after which an endpoint is set aside ...
+    endpoint_max_failures: Int = Field(3, ge=1, le=1000)
+    #: ... for this many seconds; it comes back once it answers /v1/models again.
+    endpoint_cooldown: Number = Field(30.0, gt=0, le=3600)
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: Int = Field(4, ge=1, le=4096)
     requests_per_minute: Number | None = Field(None, gt=0)
