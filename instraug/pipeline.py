@@ -212,12 +212,16 @@ def _run_stages(
         def run_generate() -> dict[str, Any]:
             from instraug.records import MetaPrompt
             from instraug.stages.s2_generate import GenerationSummary, generate
+            from instraug.stages.s3_judge import open_judge
             from instraug.stages.s3_rules import RuleChain
 
             metas = [MetaPrompt.model_validate(row) for _line, row in read_jsonl(paths[META_PROMPTS])]
             summary = GenerationSummary()
             rows = templates()
-            with RuleChain(config.filters, _samples(directory, config, rows), originals=rows) as chain:
+            path = cache_file(cache_path, config.llm.cache_path, out)
+            judge = open_judge(stack, config.filters, config.llm, llm, path, offline=offline, quiet=quiet)
+            samples = _samples(directory, config, rows)
+            with RuleChain(config.filters, samples, originals=rows, judge=judge) as chain:
                 generated = generate(
                     rows, metas, seeds, config, llm(), chain.judge, summary, config.budget, chain.prefetch
                 )
@@ -439,6 +443,15 @@ def estimate_run(
         return count_cached(path, config.llm, requests)
 
     plan = estimate(templates, metas, seeds, config, cached)
+    if config.filters.judge.enabled:
+        # at most one yes/no question per rewrite: the original, the rewrite and the question
+        from instraug.stages.s3_judge import JUDGE_PROMPT
+
+        chars = sum(len(str(t["template"])) for t in templates) / max(len(templates), 1)
+        judged = plan.requests_max
+        plan.requests_max += judged
+        plan.prompt_tokens_max += round(judged * (len(JUDGE_PROMPT) + 2 * chars) / 4)
+        plan.completion_tokens_max += judged * config.filters.judge.max_tokens
     cost = plan.cost(config)
     return {
         "model": model,

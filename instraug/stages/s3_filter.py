@@ -12,18 +12,19 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instraug.config import FilterConfig
 from instraug.errors import InputError
-from instraug.funnel import REASONS, FilterSummary
+from instraug.funnel import FilterSummary
 from instraug.jsonl import atomic_writer, read_jsonl
 from instraug.multiinstruct import instance_files, read_instances
 from instraug.pool import _validated as validated_rows  # the pool's own row validation
 from instraug.records import Verdict
 from instraug.stages.s3_rules import RuleChain, validate_generation
 
-__all__ = ["REASONS", "FilterSummary", "Judged", "filter_generations", "filter_to_pool", "sample_instances"]
+if TYPE_CHECKING:
+    from instraug.stages.s3_judge import Judge
 
 
 @dataclass
@@ -58,9 +59,9 @@ def filter_generations(
     With embeddings in use, rows are read `batch_size` at a time and embedded together first.
     """
     it = iter(rows)
-    size = batch_size if chain.embedder is not None else 1
+    size = batch_size if chain.batches else 1
     while batch := list(islice(it, size)):
-        if chain.embedder is not None:
+        if chain.batches:
             chain.prefetch(row for _line, row in batch)
         for line, row in batch:
             try:
@@ -97,6 +98,17 @@ def sample_instances(
     return samples
 
 
+@dataclass
+class PoolWritten:
+    """What `filter_to_pool` wrote: how many originals, and the funnel of the rewrites."""
+
+    originals: int
+    funnel: FilterSummary
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"originals": self.originals, **self.funnel.as_dict()}
+
+
 def filter_to_pool(
     generations: str | Path,
     templates: str | Path,
@@ -104,17 +116,16 @@ def filter_to_pool(
     rejected: str | Path | None = None,
     config: FilterConfig | None = None,
     samples: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]] | None = None,
-    summary: FilterSummary | None = None,
-) -> dict[str, Any]:
-    """Write the rows of `templates`, then every kept rewrite of `generations`, as one pool.
+    judge: Judge | None = None,
+) -> PoolWritten:
+    """Judge every row of `generations` again, then write the rows of `templates` and every kept
+    rewrite as one pool (`instraug filter`; `expand` builds its pool from stage 2's verdicts).
 
     Rejected rows go to `rejected` (if given) with their reasons. Both files appear only when
-    every row was read; returns the funnel counts.
+    every row was read.
     """
     originals = [row for _name, _line, row in validated_rows(read_jsonl(templates), _name_of(templates))]
-    chain = RuleChain(config, samples, originals=originals)
-    if summary is not None:
-        chain.summary = summary
+    chain = RuleChain(config, samples, originals=originals, judge=judge)
     with contextlib.ExitStack() as stack:
         stack.enter_context(chain)
         out = stack.enter_context(atomic_writer(output))
@@ -126,7 +137,7 @@ def filter_to_pool(
                 out.write(judged.verdict.instruction)
             elif bad is not None:
                 bad.write(judged.rejected_row())
-    return {"originals": len(originals), **chain.summary.as_dict()}
+    return PoolWritten(len(originals), chain.summary)
 
 
 def _name_of(path: str | Path) -> str:

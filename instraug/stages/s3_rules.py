@@ -40,6 +40,7 @@ from instraug.stages.s3_semantic import SemanticRules, constant_text
 
 if TYPE_CHECKING:
     from instraug.embeddings import Embedder
+    from instraug.stages.s3_judge import Judge
 
 _WORDS = re.compile(r"\w+(?:['’]\w+)*")
 _MASK_SLOPPY = re.compile(r"\{\{?[^\S\n]*([A-Z]{1,2})[^\S\n]*\}\}?")
@@ -137,6 +138,7 @@ class RuleChain:
         originals: Iterable[Instruction | Mapping[str, Any]] = (),
         embedder: Embedder | None = None,
         examples: Iterable[str] = (),
+        judge: Judge | None = None,
     ) -> None:
         """`samples`: task -> an instance or a list of instances for `render_fails` (None: no check);
         `originals`: pool rows (records or dicts) a rewrite must not repeat within their task;
@@ -173,6 +175,9 @@ class RuleChain:
             self._task_keys.setdefault(task, set()).add(shape.key)
             texts.setdefault(task, []).append(shape.display)
         self._meaning = MeaningRules(self.config.meaning, texts, examples)
+        if self.config.judge.enabled and judge is None:
+            raise ValueError("filters.judge is enabled: the chain needs a Judge")
+        self.judge_llm = judge if self.config.judge.enabled else None
         self._kept_keys: dict[str, set[str]] = {}
         self._kept: Counter[str] = Counter()
         self._requests: set[str] = set()
@@ -190,30 +195,42 @@ class RuleChain:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def batches(self) -> bool:
+        """True when judging a round at once saves calls (embeddings, the LLM judge)."""
+        return self.embedder is not None or self.judge_llm is not None
+
     def prefetch(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Embed the candidates and roots of many rows in a few batched calls (no-op without embeddings).
+        """Embed the candidates and roots of many rows, and ask the judge about them, in a few
+        batched calls (no-op without embeddings or judge).
 
         Verdicts do not change; rows that cannot be read are left for `judge` to report.
         """
-        if self.embedder is None:
+        if not self.batches:
             return
         templates: list[str] = []
+        pairs: list[tuple[str, str]] = []
         for row in rows:
             try:
                 gen = validate_generation(row)
                 if gen.raw is None or gen.error:
                     continue
-                _cleaned, template, _reasons = build_candidate(
+                _cleaned, template, reasons = build_candidate(
                     gen.raw, gen.parent_template, gen.masked, gen.mapping
                 )
-                _shape(gen.root_template)
+                root = _shape(gen.root_template)
                 if template:
-                    _shape(template)
+                    shape = _shape(template)
                     templates.append(template)
+                    if not reasons and shape.placeholders == root.placeholders:
+                        pairs.append((gen.root_template, template))
                 templates.append(gen.root_template)
             except (InputError, ValueError):
                 continue
-        self._semantic.prefetch(templates)
+        if self.embedder is not None:
+            self._semantic.prefetch(templates)
+        if self.judge_llm is not None:
+            self.judge_llm.ask(pairs)
 
     def kept_count(self, template_id: str) -> int:
         """How many rewrites of this input template were kept so far."""
@@ -270,6 +287,12 @@ class RuleChain:
                 if reason == "semantic_drift" or "identical" not in verdict.reasons:
                     verdict.reasons.append(reason)
                     verdict.notes[reason] = note
+        if self.judge_llm is not None and template is not None and not verdict.reasons:
+            # the judge costs a request: it is asked only about what every other rule kept
+            why = self.judge_llm.check(gen.root_template, template)
+            if why:
+                verdict.reasons.append("judge")
+                verdict.notes["judge"] = why
         return verdict
 
     def _check_template(
