@@ -112,6 +112,25 @@ class LLMConfig(Section):
     n_threads: Int | None = Field(None, ge=1, le=1024)
     price_per_1k_input: Number | None = Field(None, ge=0)
     price_per_1k_output: Number | None = Field(None, ge=0)
+    #: online: each request its own call | batch: each round's uncached requests as OpenAI batches.
+    mode: Literal["online", "batch"] = "online"
+    #: batch: where expired or failed items go again: sent online, or in one more batch (up to
+    #: max_retries more batches).
+    batch_retry: Literal["online", "batch"] = "online"
+    #: batch: seconds between two status checks of a submitted batch.
+    batch_poll_interval: Number = Field(30.0, gt=0, le=3600)
+    #: batch: requests per batch file (OpenAI takes at most 50,000); larger rounds are split.
+    batch_max_requests: Int = Field(50_000, ge=1, le=50_000)
+    #: batch: the share of the online prices a batch costs (OpenAI: half), for costs and --estimate.
+    batch_discount: Number = Field(0.5, ge=0, le=1)
+
+    @field_validator("mode")
+    @classmethod
+    def _batch_needs_the_batch_api(cls, value: str, info: Any) -> str:
+        backend = info.data.get("backend")
+        if value == "batch" and backend not in (None, "openai"):
+            raise ValueError(f"batch needs backend: openai (a server with the Batch API), not '{backend}'")
+        return value
 
 
 class SamplingConfig(Section):

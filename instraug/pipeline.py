@@ -453,8 +453,11 @@ def estimate_run(
         plan.prompt_tokens_max += round(judged * (len(JUDGE_PROMPT) + 2 * chars) / 4)
         plan.completion_tokens_max += judged * config.filters.judge.max_tokens
     cost = plan.cost(config)
+    if cost is not None and config.llm.mode == "batch":  # batches cost llm.batch_discount of the price
+        cost *= config.llm.batch_discount
     return {
         "model": model,
+        "mode": config.llm.mode,
         "templates_augmented": plan.templates,
         "requests_min": plan.requests_min + bootstrap,
         "requests_max": plan.requests_max + bootstrap,

@@ -16,6 +16,7 @@ from instraug.cli._common import (
     info,
     instance_inputs,
     only_one_stdin,
+    refuse_one_file_twice,
     refuse_output_over_inputs,
     reports_errors,
 )
@@ -38,12 +39,28 @@ def generate(
     output: OutputOption = "-",
     cache: CacheOption = None,
     offline: OfflineOption = False,
+    export_batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-batch",
+            help="Write the uncached requests of the first round that has any as an OpenAI batch input "
+            "file (for vllm run-batch or the Batch API), send nothing, and stop.",
+        ),
+    ] = None,
+    import_batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--import-batch",
+            help="Answer requests from a batch output file (OpenAI's, or vllm run-batch's) and keep the "
+            "answers in the cache, then run.",
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Stage 2: rephrase every augmentable template, placeholders masked, until the factor is met."""
     from instraug.config import load_config
     from instraug.jsonl import read_jsonl, write_jsonl
-    from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, open_llm
+    from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, BatchExported, open_llm
     from instraug.rundir import cache_path
     from instraug.stages.s1_meta_prompts import load_seeds
     from instraug.stages.s2_generate import GenerationSummary
@@ -54,7 +71,10 @@ def generate(
     settings = load_config(config)
     path = cache_path(cache, settings.llm.cache_path)
     inputs = [templates, meta_prompts, config, path, *instance_inputs(instances, settings.assembly.split)]
-    refuse_output_over_inputs(output, inputs)
+    refuse_output_over_inputs(output, [*inputs, import_batch])
+    if export_batch is not None:
+        refuse_output_over_inputs(export_batch, [*inputs, import_batch], "--export-batch")
+        refuse_one_file_twice(("-o", output), ("--export-batch", str(export_batch)))
     rows = [row for _line, row in read_jsonl(templates)]
     metas = read_meta_prompts(meta_prompts)
     samples = (
@@ -65,18 +85,31 @@ def generate(
         else None
     )
     summary = GenerationSummary()
-    with (
-        RuleChain(settings.filters, samples, originals=rows) as chain,
-        open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet) as llm,
-    ):
-        seeds = load_seeds(settings.meta_prompts.directory)
-        count = write_jsonl(
-            output,
-            generate_rows(
+    batch_files = {"export_batch": export_batch, "import_batch": import_batch}
+    try:
+        with (
+            RuleChain(settings.filters, samples, originals=rows) as chain,
+            open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet, **batch_files) as llm,
+        ):
+            seeds = load_seeds(settings.meta_prompts.directory)
+            generations = generate_rows(
                 rows, metas, seeds, settings, llm, chain.judge, summary, settings.budget, chain.prefetch
-            ),
+            )
+            if export_batch is not None:  # nothing reaches -o unless every request is answered
+                generations = iter(list(generations))
+            count = write_jsonl(output, generations)
+            failures = llm.stats.failures
+            if llm.export is not None and not llm.export.written:
+                llm.export.write(llm.backend, [])
+    except BatchExported as done:
+        info(
+            f"{done.count} requests of round {done.round} written to {done.path}, nothing sent: run them "
+            "(vllm run-batch, the Batch API), then run again with --import-batch RESULTS",
+            quiet,
         )
-        failures = llm.stats.failures
+        return
+    if export_batch is not None:
+        info(f"0 requests written to {export_batch}: every request is answered", quiet)
     kept = sum(summary.kept.values())
     info(f"{count} generations, {kept} kept, {len(summary.roots)} templates -> {output}", quiet)
     for task, entry in summary.achieved_factor().items():

@@ -1,6 +1,8 @@
 """The session the stages talk to: cache hits at once, the rest from the backend on a loop thread.
 
-`open_llm(config)` opens one; `count_cached` says how many requests a cache already answers.
+`open_llm(config)` opens one; `count_cached` says how many requests a cache already answers. Where
+uncached requests go is the mode: to the backend one by one (`llm.mode: online`), as OpenAI batches
+(`batch`, llm/batch.py), or into a batch input file (`--export-batch`, llm/batch_files.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ from instraug.llm.base import (
     get_backend,
     request_key,
 )
+from instraug.llm.batch import BatchLedger, BatchRunStats, BatchSender, ledger_path
+from instraug.llm.batch_files import BatchExport, BatchExported, ImportedAnswers, read_imported
 from instraug.llm.cache import ResponseCache
 from instraug.llm.local import sigterm_unwinds  # importing it registers the local backend
 
@@ -37,6 +41,14 @@ if TYPE_CHECKING:
 _DONE = object()
 #: How the openai backend words a request whose every attempt failed to connect (its cause comes first).
 UNREACHABLE_PREFIX = "connection after "
+
+
+@dataclass(frozen=True)
+class _Note:
+    """What batch mode says while a round waits: a line of its own, or the progress bar's status."""
+
+    text: str
+    line: bool
 
 
 class _LoopThread:
@@ -78,9 +90,21 @@ class LLMSession:
     """Answers batches of chat requests: cache hits at once, the rest from the backend as they finish."""
 
     def __init__(
-        self, backend: Backend, cache: ResponseCache | None, *, offline: bool = False, quiet: bool = False
+        self,
+        backend: Backend,
+        cache: ResponseCache | None,
+        *,
+        offline: bool = False,
+        quiet: bool = False,
+        sender: BatchSender | None = None,
+        export: BatchExport | None = None,
+        imported: ImportedAnswers | None = None,
     ) -> None:
         self.backend = backend
+        self.sender = sender  # batch mode: where uncached requests go instead of the backend
+        self.export = export  # --export-batch: the first round with uncached requests is written here
+        self.imported = imported  # --import-batch: answers cached as the run asks for them
+        self.rounds = 0
         self.model = backend.model
         self.stats: RunStats = backend.stats
         self.cache = cache
@@ -95,6 +119,7 @@ class LLMSession:
         """Yield one Completion per request, in completion order; cached requests are never sent."""
         batch = list(requests)
         self.stats.requests += len(batch)
+        self.rounds += 1
         progress = self._progress(len(batch))
         try:
             keys = [self.backend.key_for(request) for request in batch]
@@ -115,14 +140,44 @@ class LLMSession:
                         cached=True,
                     )
                     yield self._counted(completion, progress)
-                elif self.offline:
+                elif (answer := self._imported(request, key)) is not None:
+                    yield self._counted(answer, progress)
+                elif self.offline and self.export is None:
                     raise CacheMissError(_miss_message(request, self.model, self.cache))
                 else:
                     pending.setdefault(key, []).append(request)
+            if pending and self.export is not None:
+                count = self.export.write(self.backend, [askers[0] for askers in pending.values()])
+                raise BatchExported(self.export.path, count, self.rounds)
             if pending:
                 yield from self._send(pending, progress)
         finally:
             progress.close()
+
+    def _imported(self, request: ChatRequest, key: str) -> Completion | None:
+        """The answer --import-batch brought for this request, now stored in the cache."""
+        if self.imported is None:
+            return None
+        self.imported.asked.add(key)
+        answer = self.imported.answers.get(key)
+        if answer is None:
+            return None
+        if self.cache is not None:
+            fields = self.backend.keyed_fields(request)
+            tokens = (answer.prompt_tokens, answer.completion_tokens)
+            self.cache.put(key, fields, answer.text, answer.finish_reason, *tokens)
+        self.imported.stored += 1
+        self.stats.cache_hits += 1
+        return Completion(
+            request=request,
+            key=key,
+            model=self.model,
+            text=answer.text,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            cached=True,
+        )
 
     def _send(self, pending: dict[str, list[ChatRequest]], progress: tqdm[Any]) -> Iterator[Completion]:
         """Send one request per distinct key; every asker of that key gets the answer."""
@@ -131,12 +186,17 @@ class LLMSession:
         results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         if self._loop is None:
             self._loop = _LoopThread()
+        if self.sender is not None:
+            self.sender.notify = lambda text, line: results.put(_Note(text, line))
         cancel = self._loop.spawn(self._pump(unique, results), lambda: results.put(_DONE))
         finished = False
         try:
             while (item := results.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, _Note):
+                    self._note(item, progress)
+                    continue
                 for i, request in enumerate(pending[item.key]):
                     yield self._counted(item if i == 0 else replace(item, request=request), progress)
             finished = True
@@ -149,8 +209,9 @@ class LLMSession:
 
     async def _pump(self, requests: list[ChatRequest], results: queue.SimpleQueue[Any]) -> None:
         """On the loop: commit each answer to the cache as it arrives, then hand it over."""
+        source = self.sender or self.backend
         try:
-            async for completion in self.backend.complete(requests):
+            async for completion in source.complete(requests):
                 if completion.error is None and completion.text is not None and self.cache is not None:
                     self.cache.put(
                         completion.key,
@@ -165,6 +226,13 @@ class LLMSession:
             raise
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             results.put(exc)
+
+    def _note(self, note: _Note, progress: tqdm[Any]) -> None:
+        if note.line:
+            if not self.quiet:
+                progress.write(note.text, file=sys.stderr)
+        else:
+            progress.set_postfix_str(note.text)
 
     def _counted(self, completion: Completion, progress: tqdm[Any]) -> Completion:
         if completion.error is not None:
@@ -210,6 +278,9 @@ class LLMSession:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.call(self.backend.aclose(), timeout=10)
+            if self.sender is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.call(self.sender.aclose(), timeout=10)
             self._loop.close()
             self._loop = None
 
@@ -221,22 +292,44 @@ def open_llm(
     cache_path: Path | str | None,
     offline: bool = False,
     quiet: bool = False,
+    export_batch: Path | str | None = None,
+    import_batch: Path | str | None = None,
 ) -> Iterator[LLMSession]:
-    """A session on the configured backend; on leaving, everything it started is stopped."""
-    stats = RunStats(
-        price_per_1k_input=llm_config.price_per_1k_input,
-        price_per_1k_output=llm_config.price_per_1k_output,
-    )
+    """A session on the configured backend; on leaving, everything it started is stopped.
+
+    `export_batch` writes the first round with uncached requests as a batch input file instead of
+    sending it (BatchExported ends the run); `import_batch` answers requests from a batch output file.
+    """
+    batch_mode = llm_config.mode == "batch" and not offline and export_batch is None
+    price_in, price_out = llm_config.price_per_1k_input, llm_config.price_per_1k_output
+    stats = RunStats(price_per_1k_input=price_in, price_per_1k_output=price_out)
+    if batch_mode:  # batch answers cost llm.batch_discount of the online price
+        discount = llm_config.batch_discount
+        stats = BatchRunStats(
+            price_per_1k_input=price_in, price_per_1k_output=price_out, batch_discount=discount
+        )
     backend = get_backend(llm_config.backend)(llm_config, stats, quiet=quiet)
     if offline and cache_path is None:
         raise CacheMissError("offline mode answers from the cache only, but no cache path is set")
-    # An offline session only reads; any other holds the cache's writer lock until it ends.
-    cache = ResponseCache(cache_path, writer=not offline) if cache_path is not None else None
-    session = LLMSession(backend, cache, offline=offline, quiet=quiet)
+    imported = read_imported(import_batch) if import_batch is not None else None
+    # An offline session only reads (unless it imports); any other holds the cache's writer lock.
+    writer = not offline or imported is not None
+    cache = ResponseCache(cache_path, writer=writer) if cache_path is not None else None
+    session = LLMSession(
+        backend,
+        cache,
+        offline=offline,
+        quiet=quiet,
+        export=BatchExport(export_batch) if export_batch is not None else None,
+        imported=imported,
+    )
     try:
         with sigterm_unwinds():
             try:
-                if not offline:
+                if batch_mode:  # after the cache lock: one run at a time reads and writes the ledger
+                    ledger = BatchLedger(ledger_path(cache_path) if cache_path is not None else None)
+                    session.sender = BatchSender(backend, ledger)
+                if not offline and export_batch is None:
                     backend.start()
                 yield session
             finally:
@@ -247,6 +340,8 @@ def open_llm(
             cache.close()
         if not quiet and stats.requests:
             print(stats.summary(), file=sys.stderr)
+        if not quiet and imported is not None:
+            print(imported.summary(), file=sys.stderr)
 
 
 def _miss_message(request: ChatRequest, model: str, cache: ResponseCache | None) -> str:
