@@ -3,15 +3,14 @@
 Each round (one `LLMSession.run`) is uploaded with the Files API (purpose `batch`), submitted with
 the Batches API (24h window), polled every `llm.batch_poll_interval` seconds, and its output and
 error files are read into completions the session caches exactly as online answers. Before waiting,
-each batch is recorded in a ledger beside the response cache (CACHE.batches.json), so a run that is
-killed finds its batches again and collects them instead of submitting anew. Expired or failed
+each batch is recorded in the ledger beside the response cache (llm/batch_ledger.py), so a run that
+is killed finds its batches again and collects them instead of submitting anew. Expired or failed
 items go again online or in one more batch (`llm.batch_retry`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -19,16 +18,16 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from instraug.errors import InputError, LLMError
+from instraug.errors import LLMError
 from instraug.funnel import cost as priced
 from instraug.llm.base import Backend, ChatRequest, Completion, RunStats
 from instraug.llm.batch_files import Answer, ItemFailure, input_line, read_results
+from instraug.llm.batch_ledger import BatchLedger
 from instraug.llm.responses import RetryableError, WaitRetryAfterOrBackoff, server_message
 
 if TYPE_CHECKING:
@@ -44,12 +43,6 @@ _FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 #: The metadata key that lets a run find a batch it created but could not record.
 _TAG = "instraug_batch"
 _RETRY_STATUS = frozenset({408, 409, 429})
-
-
-def ledger_path(cache_path: str | Path) -> Path:
-    """The batch ledger of a response cache: CACHE.batches.json beside it."""
-    cache = Path(cache_path)
-    return cache.with_name(cache.name + ".batches.json")
 
 
 def shown_url(url: str | None) -> str:
@@ -96,53 +89,6 @@ class BatchRunStats(RunStats):
         if full is None or batch is None:
             return full
         return full - batch * (1.0 - self.batch_discount)
-
-
-class BatchLedger:
-    """The batches submitted and not yet collected, as JSON beside the response cache.
-
-    Written (to a temporary file, then renamed) before a batch is waited for; the cache's writer lock
-    (CACHE.lock), held by the session, keeps it to one run at a time. An entry holds the batch's
-    custom_ids (the cache keys) so a later round can tell which of its requests it answers.
-    """
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.entries: list[dict[str, Any]] = []
-        if path is not None and path.exists():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                self.entries = list(data["batches"])
-                if not all(isinstance(e, dict) and isinstance(e.get("keys"), list) for e in self.entries):
-                    raise ValueError
-            except (OSError, ValueError, KeyError, TypeError):
-                raise InputError(
-                    "not an instraug batch ledger (a JSON object with a 'batches' list); "
-                    "remove it to forget the batches it records",
-                    path,
-                ) from None
-
-    def add(self, entry: dict[str, Any]) -> None:
-        self.entries.append(entry)
-        self._save()
-
-    def update(self, entry: dict[str, Any], **values: Any) -> None:
-        entry.update(values)
-        self._save()
-
-    def remove(self, entry: dict[str, Any]) -> None:
-        if entry in self.entries:
-            self.entries.remove(entry)
-            self._save()
-
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        from instraug.jsonl import atomic_binary
-
-        data = json.dumps({"batches": self.entries}, indent=1).encode("utf-8")
-        with atomic_binary(self.path) as fp:
-            fp.write(data)
 
 
 @dataclass

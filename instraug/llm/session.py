@@ -28,8 +28,9 @@ from instraug.llm.base import (
     get_backend,
     request_key,
 )
-from instraug.llm.batch import BatchLedger, BatchRunStats, BatchSender, ledger_path
+from instraug.llm.batch import BatchRunStats, BatchSender
 from instraug.llm.batch_files import BatchExport, BatchExported, ImportedAnswers, read_imported
+from instraug.llm.batch_ledger import BatchLedger, ledger_path
 from instraug.llm.cache import ResponseCache
 from instraug.llm.local import sigterm_unwinds  # importing it registers the local backend
 
