@@ -323,3 +323,153 @@ def restore_placeholders(text: str, masked: Masked) -> tuple[str, list[str]]:
             out.append(escape_literal(m.group()))
     out.append(escape_literal(text[pos:]))
     return "".join(out), unknown
+
+
+# --------------------------------------------------------------------------------------------
+# The core of a template: the runs of placeholders at its edges hidden from the LLM, put back after
+
+#: Punctuation that may close the core's text ("Question:", "the object." before "{question}").
+_CLOSING = frozenset(".,;:!?)]’”…")
+#: Punctuation that may open it ("(see", "“Describe").
+_OPENING = frozenset("([‘“")
+
+
+@dataclass(frozen=True)
+class Core:
+    """A template in three parts: a hidden run at the start, the body the LLM rephrases, a hidden
+    run at the end. The runs are template source, byte for byte: ``prefix + body + suffix`` is the
+    template."""
+
+    prefix: str
+    body: str
+    suffix: str
+
+    @classmethod
+    def of(cls, template: str, prefix: str = "", suffix: str = "") -> Core:
+        """The core of `template` between the hidden runs a generation row recorded."""
+        if len(prefix) + len(suffix) > len(template) or not (
+            template.startswith(prefix) and template.endswith(suffix)
+        ):
+            raise TemplateError("the hidden prefix and suffix are not the edges of the template")
+        return cls(prefix, template[len(prefix) : len(template) - len(suffix)], suffix)
+
+    @property
+    def template(self) -> str:
+        """The whole template again."""
+        return self.prefix + self.body + self.suffix
+
+
+def split_core(template: str) -> Core:
+    """Hide the runs of placeholders at the start and the end of a template, where a sentence ends.
+
+    A run is placeholders with only spaces and punctuation between and around them
+    (``{question}{options_token} {options|join("||||")}`` at the end, ``{region_info}\\n\\n`` at
+    the start). It is hidden from where the body before it ends a sentence (``.``, ``?``, ``!``,
+    ``:``, ``;``, maybe followed by a closing quote or bracket) or a line break separates them; at the
+    start, also where the body after it opens a sentence with a capital letter. A run in the middle
+    of a sentence stays shown, masked: the LLM cannot rephrase a fragment such as "Which option
+    overlaps most with". Punctuation attached to the body's first or last word stays in the body
+    (``Question:``), a straight double quote only when it closes or opens a quotation of the body.
+    A side with no placeholder to hide hides nothing.
+    """
+    literal: dict[int, str] = {}  # the literal characters by position ({{ and }} included)
+    in_placeholder = [False] * len(template)
+    inside = [False] * (len(template) + 1)  # strictly inside a placeholder or an escaped brace
+    pos = 0
+    for m in _TOKEN.finditer(template):
+        literal.update((i, template[i]) for i in range(pos, m.start()))
+        if m.group(1) is not None:
+            in_placeholder[m.start() : m.end()] = [True] * (m.end() - m.start())
+        else:
+            literal.update((i, template[i]) for i in range(m.start(), m.end()))
+        inside[m.start() + 1 : m.end()] = [True] * (m.end() - m.start() - 1)
+        pos = m.end()
+    literal.update((i, template[i]) for i in range(pos, len(template)))
+    words = [i for i, char in literal.items() if char.isalnum() or char == "_"]
+    if not words:
+        return Core("", template, "")
+    start, end = words[0], words[-1] + 1
+    while end < len(template) and end in literal and _closes(literal[end], template[start:end]):
+        end += 1
+    while start > 0 and (start - 1) in literal and _opens(literal[start - 1], template[start:end]):
+        start -= 1
+    cut_end = len(template)
+    for p in range(end, len(template)):
+        if inside[p] or template[p - 1].isspace():
+            continue
+        if not any(in_placeholder[p:]):
+            break
+        if _ends_sentence(template[:p]) or "\n" in _leading_space(template[p:]):
+            cut_end = p
+            break
+    cut_start = 0
+    for q in range(start, 0, -1):
+        if inside[q] or template[q].isspace():
+            continue
+        if not any(in_placeholder[:q]):
+            break
+        before = template[:q]
+        if (
+            _ends_sentence(before.rstrip())
+            or "\n" in before[len(before.rstrip()) :]
+            or template[q:].lstrip("".join(_OPENING) + '"')[:1].isupper()
+        ):
+            cut_start = q
+            break
+    return Core(template[:cut_start], template[cut_start:cut_end], template[cut_end:])
+
+
+def _ends_sentence(text: str) -> bool:
+    return text.rstrip("\"')]’”")[-1:] in (".", "?", "!", ":", ";")
+
+
+def _leading_space(text: str) -> str:
+    return text[: len(text) - len(text.lstrip())]
+
+
+def _closes(char: str, body: str) -> bool:
+    return char in _CLOSING or (char == '"' and body.count('"') % 2 == 1)
+
+
+def _opens(char: str, body: str) -> bool:
+    return char in _OPENING or (char == '"' and body.count('"') % 2 == 1)
+
+
+def restore_core(text: str, core: Core) -> str:
+    """A rephrased body (template syntax, placeholders restored) back between the hidden runs.
+
+    The runs come back byte for byte. Where the template joins a run without a space
+    (``the object.{question}``), a reply ending in a word or a placeholder gets the body's own
+    closing punctuation back, so its last word never runs into the placeholder's value; likewise
+    at the start.
+    """
+    if core.prefix:
+        text = text.lstrip()
+    if core.suffix:
+        text = text.rstrip()
+    if text and core.suffix and not core.suffix[0].isspace() and _ends_in_word(text):
+        text += _edge_punctuation(core.body, last=True)
+    if text and core.prefix and not core.prefix[-1].isspace() and _starts_in_word(text):
+        text = _edge_punctuation(core.body, last=False) + text
+    return core.prefix + text + core.suffix
+
+
+def _edge_punctuation(body: str, *, last: bool) -> str:
+    """The run of punctuation (no spaces, no words, no placeholders) at one end of the body."""
+    chars = reversed(body) if last else iter(body)
+    run: list[str] = []
+    for char in chars:
+        if char.isalnum() or char == "_" or char.isspace() or char in "{}":
+            break
+        run.append(char)
+    return "".join(reversed(run)) if last else "".join(run)
+
+
+def _ends_in_word(text: str) -> bool:
+    last = text[-1]
+    return last.isalnum() or last == "_" or (last == "}" and not text.endswith("}}"))
+
+
+def _starts_in_word(text: str) -> bool:
+    first = text[0]
+    return first.isalnum() or first == "_" or (first == "{" and not text.startswith("{{"))

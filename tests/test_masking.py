@@ -14,17 +14,24 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from instraug.errors import TemplateError
 from instraug.placeholders import (
+    Core,
     Masked,
     Placeholder,
     canonical,
     escape_literal,
+    literal_text,
     mask_placeholders,
     parse_template,
+    placeholders_of,
+    restore_core,
     restore_placeholders,
+    split_core,
 )
 from instraug.stages.s3_rules import build_candidate
 
@@ -304,3 +311,113 @@ def test_literal_braces_around_a_placeholder_survive_the_candidate_builder() -> 
     answer = "Please fill in the set {{A}} and nothing else."  # the LLM kept every brace
     _cleaned, candidate, reasons = build_candidate(answer, template, masked.text, masked.mapping)
     assert (candidate, reasons) == ("Please fill in the set {{{question}}} and nothing else.", [])
+
+
+# --------------------------------------------------------------------------------------------
+# The core: placeholder runs at the edges hidden from the LLM, put back verbatim
+
+EDGE_LITERAL = st.sampled_from(
+    ["", " ", ". ", "? ", ":", "\n\n", " (", ") ", '"', "Answer the question.", "x"]
+)
+
+
+@st.composite
+def edged_templates(draw: st.DrawFn) -> str:
+    """A template with runs of placeholders and punctuation at either edge around varied text."""
+    built = draw(templates())
+    run = st.lists(st.tuples(st.builds(str, PLACEHOLDERS).flatmap(spelling_of), EDGE_LITERAL), max_size=3)
+    head = "".join(p + escape_literal(lit) for p, lit in draw(run))
+    tail = "".join(escape_literal(lit) + p for p, lit in draw(run))
+    return head + built.source + tail
+
+
+def spelling_of(source: str) -> st.SearchStrategy[str]:
+    return spelling(parse_template(source)[0])  # type: ignore[arg-type]
+
+
+def words_outside_placeholders(template: str) -> bool:
+    return any(c.isalnum() or c == "_" for c in literal_text(template))
+
+
+@given(st.one_of(templates().map(lambda b: b.source), edged_templates()))
+@examples(150)
+def test_the_core_split_hides_only_placeholder_runs_and_loses_nothing(template: str) -> None:
+    core = split_core(template)
+    assert core.template == template  # byte for byte
+    assert Core.of(template, core.prefix, core.suffix) == core
+    for run in (core.prefix, core.suffix):
+        if run:
+            assert placeholders_of(run)  # something is hidden ...
+            assert not words_outside_placeholders(run)  # ... and no word of the instruction
+    if core.prefix or core.suffix:
+        assert words_outside_placeholders(core.body)
+    # the spaces between the body and a hidden run belong to the run
+    assert not (core.prefix and core.body[:1].isspace()) and not (core.suffix and core.body[-1:].isspace())
+
+
+@given(st.one_of(templates().map(lambda b: b.source), edged_templates()), st.text(max_size=30))
+@examples(150)
+def test_restoring_the_core_puts_the_hidden_runs_back_byte_identical(template: str, reply: str) -> None:
+    core = split_core(template)
+    restored = restore_core(reply, core)
+    assert restored.startswith(core.prefix) and restored.endswith(core.suffix)
+    assert len(restored) >= len(core.prefix) + len(core.suffix)
+    assert restore_core(core.body, core) == template  # the body unchanged gives the template back
+
+
+@given(st.one_of(templates().map(lambda b: b.source), edged_templates()))
+@examples(100)
+def test_masking_the_core_and_restoring_it_keeps_every_placeholder(template: str) -> None:
+    core = split_core(template)
+    masked = mask_placeholders(core.body)
+    body, unknown = restore_placeholders(masked.text, masked)
+    restored = restore_core(body, core)
+    assert unknown == []
+    assert restored == core.prefix + canonical(core.body) + core.suffix
+    assert Counter(placeholders_of(restored)) == Counter(placeholders_of(template))
+
+
+OPTIONS = '{options_token} {options|join("||||")}'
+
+
+@pytest.mark.parametrize(
+    ("template", "prefix", "suffix"),
+    [
+        (f"Answer the question. {{question}}{OPTIONS}", "", f" {{question}}{OPTIONS}"),
+        (f"In this task, answer about an object.{{question}}{OPTIONS}", "", f"{{question}}{OPTIONS}"),
+        (f"Question: {{question}}{OPTIONS}", "", f" {{question}}{OPTIONS}"),
+        (f"Which option overlaps most with {{given_region}}?{OPTIONS}", "", OPTIONS),
+        (f'Pick the color that answers "{{question}}".{OPTIONS}', "", OPTIONS),
+        ('{region_info}\n\nWhy is "{answer}" the answer?{options_str}', "{region_info}\n\n", "{options_str}"),
+        (f"{{question}} Decide if the object appears in the image.{OPTIONS}", "{question} ", OPTIONS),
+        ("Look at the scene and answer the question.\n {question}", "", "\n {question}"),
+        # a run inside a sentence stays shown: the LLM cannot rephrase "a caption for"
+        ('Generate a caption for {region|join("||||")}.', "", ""),
+        ('{region|join("||||")} marks a region. Describe it.', "", ""),
+        (' "{text}" describes part of the image.', "", ""),
+        ("Write a short caption.", "", ""),
+        ('{question}{options_token} {options|join("||||")}', "", ""),
+    ],
+)
+def test_which_runs_are_hidden(template: str, prefix: str, suffix: str) -> None:
+    core = split_core(template)
+    assert (core.prefix, core.suffix) == (prefix, suffix)
+    assert core.template == template
+
+
+def test_a_reply_joins_a_run_the_way_the_template_did() -> None:
+    core = split_core(f"Answer a question about an object.{{question}}{OPTIONS}")
+    assert core.suffix == f"{{question}}{OPTIONS}"
+    # the reply dropped the period the template had before the run: it comes back
+    assert restore_core("Answer about the object", core) == f"Answer about the object.{{question}}{OPTIONS}"
+    assert restore_core("Answer about it! ", core) == f"Answer about it!{{question}}{OPTIONS}"
+    spaced = split_core("Answer the question. {question}")
+    # spaces at a hidden run's side are the run's; the other side is left as the reply has it
+    assert restore_core("  Reply to the question  ", spaced) == "  Reply to the question {question}"
+
+
+def test_a_row_s_edges_must_be_the_template_s() -> None:
+    with pytest.raises(TemplateError, match="not the edges of the template"):
+        Core.of("Describe {region}.", "", " {question}")
+    with pytest.raises(TemplateError):
+        Core.of("ab", "ab", "b")
