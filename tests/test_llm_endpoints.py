@@ -247,3 +247,19 @@ def test_a_url_s_credentials_never_show(servers: list[ScriptedOpenAIServer]) -> 
         stats = llm.stats
     assert list(stats.endpoints) == [servers[0].url, servers[1].url]
     assert "-pw" not in stats.summary() and "-pw" not in llm.backend.base_url  # type: ignore[attr-defined]
+
+
+def test_retry_after_pauses_only_the_endpoint_that_asked(servers: list[ScriptedOpenAIServer]) -> None:
+    paused, other = servers[0], servers[1]
+    paused.push(Reply(status=429, body={"error": {"message": "slow down"}}, headers={"Retry-After": "1"}))
+    config = several([paused.url, other.url], max_concurrency=2)
+    with open_llm(config, cache_path=None, quiet=True) as llm:
+        completions = list(llm.run(prompts(150)))  # the other one alone needs 1.5 s for them
+        stats = llm.stats
+    assert all(c.error is None for c in completions) and stats.retries == {"rate_limit": 1}
+    asked = paused.times[0]
+    # While the endpoint waits out its Retry-After, the other one goes on answering ...
+    assert sum(1 for t in other.times if asked < t < asked + 0.9) >= 10
+    # ... and no call reaches the paused one before its second is up.
+    assert not [t for t in paused.times if asked + 0.05 < t < asked + 0.95]
+    assert paused.times[-1] > asked + 0.95  # then it is used again

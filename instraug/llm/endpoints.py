@@ -107,6 +107,14 @@ class EndpointPool:
         endpoint.in_flight -= 1
         self._wake(1)
 
+    def pause(self, endpoint: Endpoint, seconds: float) -> None:
+        """Send the endpoint nothing for `seconds` (its Retry-After) while another one can take it."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        if until > endpoint.paused_until:
+            endpoint.paused_until = until
+            loop.call_later(seconds, self._wake, self.capacity)
+
     def succeeded(self, endpoint: Endpoint) -> None:
         """The endpoint answered."""
         endpoint.failures = 0
@@ -130,12 +138,16 @@ class EndpointPool:
 
     def _pick(self, avoid: Endpoint | None) -> Endpoint | None:
         now = asyncio.get_running_loop().time()
+        # A paused endpoint is used only when every endpoint is paused (its requests then wait).
+        skip_paused = any(e.in_use and e.paused_until <= now for e in self.endpoints)
         best: Endpoint | None = None
-        best_key: tuple[bool, bool, int, int] | None = None
+        best_key: tuple[bool, int, int] | None = None
         for endpoint in self.endpoints:
             if not endpoint.in_use or endpoint.in_flight >= self.capacity:
                 continue
-            key = (endpoint is avoid, endpoint.paused_until > now, endpoint.in_flight, endpoint.picks)
+            if skip_paused and endpoint.paused_until > now:
+                continue
+            key = (endpoint is avoid, endpoint.in_flight, endpoint.picks)
             if best_key is None or key < best_key:
                 best, best_key = endpoint, key
         return best

@@ -351,9 +351,8 @@ class OpenAIBackend(Backend):
         where = endpoint.name
         if status in _RETRY_STATUS or status >= 500:
             retry_after = retry_after_seconds(exc.response.headers) if status in (429, 503) else None
-            if retry_after is not None:
-                pause = asyncio.get_running_loop().time() + min(retry_after, MAX_RETRY_AFTER)
-                endpoint.paused_until = max(endpoint.paused_until, pause)
+            if retry_after is not None and self._pool is not None:
+                self._pool.pause(endpoint, min(retry_after, MAX_RETRY_AFTER))
             cause = "rate_limit" if status == 429 else "server_error" if status >= 500 else f"http_{status}"
             return RetryableError(cause, f"HTTP {status}: {message}", retry_after)
         if status == 400 and is_context_overflow(message):
