@@ -11,13 +11,28 @@ import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from instraug.errors import LLMError
 from instraug.sqlite import key_of
 
 if TYPE_CHECKING:
     from instraug.config import LLMConfig
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Decoding restricted by the server: a GBNF grammar (llama.cpp) or a regular expression (vLLM)."""
+
+    kind: Literal["grammar", "regex"]
+    text: str
+
+    def body(self) -> dict[str, Any]:
+        """The fields of the HTTP request body that ask the server for it."""
+        if self.kind == "grammar":  # llama.cpp's server and llama-cpp-python's
+            return {"grammar": self.text}
+        # vLLM: structured_outputs since 0.10.2, guided_regex before 0.12; each reads the one it knows
+        return {"structured_outputs": {"regex": self.text}, "guided_regex": self.text}
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     sample_index: int = 0
     tag: Any = field(default=None, compare=False, hash=False)
+    constraint: Constraint | None = None
 
     def same_prompt(self, other: ChatRequest) -> bool:
         """True when the two differ only in sample index (and tag)."""
@@ -40,12 +56,14 @@ class ChatRequest:
             and self.top_p == other.top_p
             and self.max_tokens == other.max_tokens
             and self.stop == other.stop
+            and self.constraint == other.constraint
         )
 
 
 def keyed_fields(model: str, request: ChatRequest, seed: int) -> dict[str, Any]:
-    """Everything that determines a response, and nothing else."""
-    return {
+    """Everything that determines a response, and nothing else (a constraint only when there is one,
+    so that the keys of unconstrained requests never change)."""
+    fields: dict[str, Any] = {
         "model": model,
         "messages": [[role, content] for role, content in request.messages],
         "temperature": request.temperature,
@@ -55,6 +73,9 @@ def keyed_fields(model: str, request: ChatRequest, seed: int) -> dict[str, Any]:
         "seed": seed,
         "sample_index": request.sample_index,
     }
+    if request.constraint is not None:
+        fields["constraint"] = {"kind": request.constraint.kind, "text": request.constraint.text}
+    return fields
 
 
 def request_key(model: str, request: ChatRequest, seed: int) -> str:

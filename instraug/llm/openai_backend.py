@@ -220,6 +220,8 @@ class OpenAIBackend(Backend):
         }
         if first.stop:
             params["stop"] = list(first.stop)
+        if first.constraint is not None:
+            params.update(first.constraint.body())
         if len(group) > 1:
             params["n"] = len(group)
         retrying = AsyncRetrying(
