@@ -138,6 +138,10 @@ class SamplingConfig(Section):
     top_p: Number = Field(1.0, gt=0, le=1)
     max_tokens: Int = Field(96, ge=1)
     stop: list[str] = Field(default_factory=list)
+    #: Constrained decoding of stage 2: a one-line reply holding each mask token as often as the
+    #: instruction. grammar: a GBNF grammar (llama.cpp servers, the local backend) | guided: a regular
+    #: expression (vLLM's structured outputs) | auto: grammar with the local backend, else none | none.
+    constrain: Literal["none", "auto", "grammar", "guided"] = "none"
 
     @field_validator("temperatures")
     @classmethod
@@ -161,6 +165,12 @@ class ExpansionConfig(Section):
     max_attempts: Int = Field(6, ge=1)
     iterations: Int = Field(1, ge=1, le=10)
     protect_placeholders: Bool = True
+    #: How a rephrasing is asked for, each shape adding one change to the one before: paper (the
+    #: meta-prompt as system message, the template as user turn) | examples (+ example turns) |
+    #: user_turn (meta-prompt and rules in the user turn) | core (+ placeholder runs at the start and
+    #: the end of the template hidden, and put back verbatim; with protect_placeholders only) |
+    #: auto: core with the local backend (measured on the embedded model), paper with a server.
+    request_shape: Literal["auto", "paper", "examples", "user_turn", "core"] = "auto"
 
 
 #: Talk about the rewriting itself, which never belongs in an instruction (filters.banned_patterns).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from instraug.config import AssemblyConfig, Config, ExpansionConfig, SamplingConfig
 from instraug.errors import InputError
 from instraug.llm.base import ChatRequest, Completion, RunStats
-from instraug.placeholders import Masked, mask_placeholders, restore_placeholders
+from instraug.placeholders import Core, Masked, mask_placeholders, restore_core, restore_placeholders
 from instraug.records import MetaPrompt, Verdict
 from instraug.stages.s1_meta_prompts import Seeds
 from instraug.stages.s2_generate import GenerationSummary, attempt_plan, generate
@@ -66,9 +67,10 @@ TEMPERATURES = [0.5, 1.0]
 
 
 def make_config(**expansion: Any) -> Config:
+    """The scheduler's tests ask in the paper's shape: the instruction alone is the last message."""
     return Config(
         sampling=SamplingConfig(temperatures=TEMPERATURES, top_p=0.9, max_tokens=77, stop=["\n\n"]),
-        expansion=ExpansionConfig(**{"factor": 3, "max_attempts": 10, **expansion}),
+        expansion=ExpansionConfig(**{"factor": 3, "max_attempts": 10, "request_shape": "paper", **expansion}),
     )
 
 
@@ -402,3 +404,46 @@ def test_no_meta_prompts_is_an_input_error_and_asks_nothing() -> None:
         next(rows)
     assert str(error.value) == "no meta-prompts: generation needs at least one (see `instraug meta-prompts`)"
     assert session.batches == []
+
+
+# --------------------------------------------------------------------------------------------
+# The core shape: what stage 3 needs to put the hidden runs back is on the row
+
+COLOR = 'Pick the colour of the object. {question}{options_token} {options|join("||||")}'
+
+
+def instruction_shown(request: ChatRequest) -> str:
+    """The instruction of a user-turn request (seeds' default wording)."""
+    match = re.search(r"Instruction: (.*)\nRewritten instruction:$", request.messages[-1][1], re.S)
+    assert match, request.messages[-1][1]
+    return match.group(1)
+
+
+def test_core_rows_carry_the_hidden_runs_and_the_body_the_llm_saw() -> None:
+    templates = [template_row("vqa", 0, VQA), template_row("color", 0, COLOR)]
+    run = Run(
+        make_config(factor=2, request_shape="core"),
+        lambda request: "Kindly " + instruction_shown(request),
+        templates=templates,
+    )
+    assert len(run.rows) == 4
+    for row in run.rows:
+        core = Core.of(row["parent_template"], row["prefix"], row["suffix"])
+        assert row["masked"] == mask_placeholders(core.body).text
+        assert row["mapping"] == mask_placeholders(core.body).mapping
+        body, _unknown = restore_placeholders(row["raw"], Masked(row["masked"], row["mapping"]))
+        restored = restore_core(body, core)
+        assert restored.startswith(row["prefix"]) and restored.endswith(row["suffix"])
+    color = run.rows_of("color/0")
+    assert {(r["prefix"], r["suffix"]) for r in color} == {
+        ("", ' {question}{options_token} {options|join("||||")}')
+    }
+    assert {r["masked"] for r in color} == {"Pick the colour of the object."}
+    vqa = run.rows_of("vqa/0")  # its placeholders sit inside its sentence: nothing hidden
+    assert {(r["prefix"], r["suffix"], r["masked"]) for r in vqa} == {("", "", mask_placeholders(VQA).text)}
+
+
+def test_paper_rows_hide_nothing() -> None:
+    run = Run(make_config(factor=1), good, templates=[template_row("color", 0, COLOR)])
+    (row,) = run.rows
+    assert (row["prefix"], row["suffix"], row["masked"]) == ("", "", mask_placeholders(COLOR).text)

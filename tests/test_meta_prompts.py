@@ -24,6 +24,7 @@ from instraug.stages.s1_meta_prompts import (
     load_seeds,
     packaged_directory,
     parse_list,
+    user_prompt,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +250,21 @@ GOOD_SEEDS = {"direct": "d", "bootstrap": "b {n}", "keep_tokens": "k {tokens}", 
         ),
         (yaml.safe_dump({**GOOD_SEEDS, "direct": 5}), ": direct: must be a valid string\n"),
         (yaml.safe_dump(["direct"]), ": must be a valid dictionary or instance of Seeds\n"),
+        (
+            yaml.safe_dump({**GOOD_SEEDS, "user_turn": "Just {rules}"}),
+            ": user_turn: must contain {instruction}, where the instruction to rephrase goes\n",
+        ),
         ("direct: [unclosed\n", ":2: YAML syntax error: "),
     ],
-    ids=["unknown-key", "missing-key", "bad-strategy-id", "not-a-string", "not-a-mapping", "yaml-syntax"],
+    ids=[
+        "unknown-key",
+        "missing-key",
+        "bad-strategy-id",
+        "not-a-string",
+        "not-a-mapping",
+        "user-turn-without-instruction",
+        "yaml-syntax",
+    ],
 )
 def test_cli_bad_seeds_is_an_error_naming_the_file(
     cli: CLI, tmp_path: Path, content: str, message: str
@@ -289,8 +302,42 @@ def test_a_checkout_reads_its_top_level_meta_instructions() -> None:
     assert default_directory() == REPO_ROOT / "meta_instructions"
 
 
-def test_packaged_seeds_are_the_top_level_seeds() -> None:
-    """The copy the wheel ships is a link to meta_instructions/seeds.yaml, never a second version."""
-    packaged = packaged_directory() / "seeds.yaml"
+@pytest.mark.parametrize("name", ["seeds.yaml", "examples.yaml"])
+def test_packaged_seeds_are_the_top_level_seeds(name: str) -> None:
+    """The copy the wheel ships is a link to the file in meta_instructions/, never a second version."""
+    packaged = packaged_directory() / name
     assert packaged.parent != REPO_ROOT / "meta_instructions"
-    assert packaged.read_bytes() == (REPO_ROOT / "meta_instructions" / "seeds.yaml").read_bytes()
+    assert packaged.is_symlink()
+    assert packaged.resolve() == (REPO_ROOT / "meta_instructions" / name).resolve()
+    assert packaged.read_bytes() == (REPO_ROOT / "meta_instructions" / name).read_bytes()
+
+
+def test_every_file_of_meta_instructions_is_packaged() -> None:
+    top = {p.name for p in (REPO_ROOT / "meta_instructions").glob("*.yaml")}
+    assert {p.name for p in packaged_directory().glob("*.yaml")} == top
+
+
+# --------------------------------------------------------------------------------------------
+# The words of a rephrasing request
+
+
+def test_the_user_turn_holds_the_rules_then_the_instruction() -> None:
+    text = user_prompt(SEEDS, "Use synonyms.", ["{A}", "{B}"], "Compare {A} with {B}.")
+    assert text == (
+        "Use synonyms. Keep {A}, {B} as they are. Reply with the rewrite only.\n\n"
+        "Instruction: Compare {A} with {B}.\nRewritten instruction:"
+    )
+
+
+def test_the_user_turn_fills_each_slot_once() -> None:
+    """An instruction that shows {rules} or {instruction} itself is left as it is."""
+    seeds = SEEDS.model_copy(update={"user_turn": "Q: {instruction} | {rules}"})
+    assert user_prompt(seeds, "Go.", [], "Say {rules} and {instruction}.") == (
+        "Q: Say {rules} and {instruction}. | Go. Reply with the rewrite only."
+    )
+
+
+def test_the_shipped_seeds_word_the_user_turn() -> None:
+    seeds = load_seeds()
+    assert seeds.user_turn.count("{rules}") == seeds.user_turn.count("{instruction}") == 1
+    assert user_prompt(seeds, "M.", [], "I.").endswith("Instruction: I.\nRewritten instruction:")

@@ -1,4 +1,8 @@
-"""Stage 1: seed meta-prompts -> the meta-prompts generation uses (direct + bootstrapped/curated)."""
+"""Stage 1: seed meta-prompts -> the meta-prompts generation uses (direct + bootstrapped/curated).
+
+Also the words of a rephrasing request around a meta-prompt (the rules, the user turn) and the
+example turns of meta_instructions/examples.yaml that stage 2 shows before each request.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instraug.config import MetaPromptConfig, SamplingConfig
 from instraug.errors import ConfigError, validation_reason
@@ -19,6 +23,10 @@ if TYPE_CHECKING:
     from instraug.llm import LLMSession
 
 SEEDS_FILE = "seeds.yaml"
+EXAMPLES_FILE = "examples.yaml"
+#: The user turn when seeds.yaml does not say: the rules, then the instruction and a label to complete.
+DEFAULT_USER_TURN = "{rules}\n\nInstruction: {instruction}\nRewritten instruction:"
+_MASK_TOKEN = re.compile(r"\{[A-Z]{1,2}\}")
 
 
 class Strategy(BaseModel):
@@ -27,8 +35,29 @@ class Strategy(BaseModel):
     text: str = Field(min_length=1)
 
 
+class Example(BaseModel):
+    """One example turn: an instruction (mask tokens {A}, {B} ...) and a faithful rewrite of it."""
+
+    model_config = ConfigDict(extra="forbid")
+    instruction: str = Field(min_length=1)
+    rewrite: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _rewrite_keeps_the_tokens(self) -> Example:
+        if sorted(_MASK_TOKEN.findall(self.rewrite)) != sorted(_MASK_TOKEN.findall(self.instruction)):
+            raise ValueError("the rewrite must keep every {A}, {B} ... token of the instruction, as often")
+        return self
+
+
+class Examples(BaseModel):
+    """meta_instructions/examples.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    examples: list[Example] = Field(min_length=1)
+
+
 class Seeds(BaseModel):
-    """meta_instructions/seeds.yaml."""
+    """meta_instructions/seeds.yaml, with the example turns of examples.yaml beside it."""
 
     model_config = ConfigDict(extra="forbid")
     direct: str = Field(min_length=1)
@@ -36,6 +65,17 @@ class Seeds(BaseModel):
     keep_tokens: str = Field(min_length=1)
     suffix: str = Field(min_length=1)
     strategies: list[Strategy] = Field(default_factory=list)
+    #: The user turn of the request shapes user_turn and core: {rules} and {instruction} are filled in.
+    user_turn: str = DEFAULT_USER_TURN
+    #: From examples.yaml (load_seeds reads it), never from seeds.yaml.
+    examples: list[Example] = Field(default_factory=list)
+
+    @field_validator("user_turn")
+    @classmethod
+    def _user_turn_shows_the_instruction(cls, value: str) -> str:
+        if "{instruction}" not in value:
+            raise ValueError("must contain {instruction}, where the instruction to rephrase goes")
+        return value
 
 
 def packaged_directory() -> Path:
@@ -52,21 +92,48 @@ def default_directory() -> Path:
 
 
 def load_seeds(directory: str | Path | None = None) -> Seeds:
-    """seeds.yaml of `directory` (meta_prompts.directory), else of default_directory()."""
+    """seeds.yaml of `directory` (meta_prompts.directory), else of default_directory(); with the
+    example turns of load_examples(directory)."""
     path = Path(directory or default_directory()) / SEEDS_FILE
+    data = _read_yaml(path, "seed meta-prompts")
+    if isinstance(data, dict) and "examples" in data:
+        raise ConfigError(f"examples: the example turns belong in {EXAMPLES_FILE}, beside {SEEDS_FILE}", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        seeds = Seeds.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_reason(exc), path) from None
+    seeds.examples = load_examples(directory)
+    return seeds
+
+
+def load_examples(directory: str | Path | None = None) -> list[Example]:
+    """The example turns: examples.yaml of `directory` when it has one, else of default_directory()."""
+    path = Path(directory or default_directory()) / EXAMPLES_FILE
+    if directory is not None and not path.is_file():
+        path = default_directory() / EXAMPLES_FILE
+    data = _read_yaml(path, "example turns")
+    try:
+        return Examples.model_validate(data).examples
+    except ValidationError as exc:
+        raise ConfigError(validation_reason(exc), path) from None
+
+
+def example_texts(directory: str | Path | None = None) -> list[str]:
+    """Every text of the example turns (instructions and rewrites, mask tokens as written), so a
+    rule can tell a reply copied from them."""
+    return [text for example in load_examples(directory) for text in (example.instruction, example.rewrite)]
+
+
+def _read_yaml(path: Path, what: str) -> object:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(
-            f"cannot read seed meta-prompts: {exc.strerror or exc} (set meta_prompts.directory)", path
+            f"cannot read {what}: {exc.strerror or exc} (set meta_prompts.directory)", path
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"YAML syntax error: {exc}", path, mark.line + 1 if mark else None) from None
-    try:
-        return Seeds.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(validation_reason(exc), path) from None
 
 
 _MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.):]|[-*•+]|[a-zA-Z][.)])\s+")
@@ -146,9 +213,16 @@ def build_meta_prompts(
 
 
 def system_prompt(seeds: Seeds, meta_prompt: str, tokens: list[str]) -> str:
-    """The system message of a rephrasing request."""
+    """The rules of a rephrasing request: the meta-prompt, keep these tokens, reply with the rewrite
+    only (the system message of the paper's request shape)."""
     parts = [meta_prompt.strip()]
     if tokens:
         parts.append(seeds.keep_tokens.strip().replace("{tokens}", ", ".join(tokens)))
     parts.append(seeds.suffix.strip())
     return " ".join(parts)
+
+
+def user_prompt(seeds: Seeds, meta_prompt: str, tokens: list[str], instruction: str) -> str:
+    """The user turn holding the rules and the instruction (`user_turn` of seeds.yaml)."""
+    fill = {"{rules}": system_prompt(seeds, meta_prompt, tokens), "{instruction}": instruction}
+    return re.sub(r"\{rules\}|\{instruction\}", lambda m: fill[m.group()], seeds.user_turn)

@@ -8,6 +8,7 @@ factor or at `expansion.max_attempts`. Kept outputs of one iteration are the inp
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from instraug.config import BudgetConfig, Config
 from instraug.errors import InputError
-from instraug.placeholders import Masked, literal_text, mask_placeholders, placeholders_of
+from instraug.placeholders import Core, Masked, literal_text, mask_placeholders, placeholders_of, split_core
 from instraug.records import MetaPrompt
-from instraug.stages.s1_meta_prompts import Seeds, system_prompt
+from instraug.stages.s1_meta_prompts import Seeds, system_prompt, user_prompt
+from instraug.stages.s2_constrain import constraint_for
 
 if TYPE_CHECKING:
     from instraug.llm import LLMSession
@@ -125,7 +127,7 @@ def generate(
         states = [_State(source) for source in sources]
         next_sources: list[Source] = []
         while True:
-            batch: list[tuple[_State, MetaPrompt, float, int, Masked | None, Any]] = []
+            batch: list[tuple[_State, MetaPrompt, float, int, Shown, Any]] = []
             for state in states:
                 need = min(expansion.factor - state.kept, expansion.max_attempts - state.attempts)
                 for _ in range(max(need, 0)):
@@ -135,15 +137,15 @@ def generate(
                     state.attempts += 1
                     summary.attempts[state.source.root_id] += 1
                     meta = meta_prompts[meta_i]
-                    masked, request = build_request(
+                    shown, request = build_request(
                         state.source.template, meta, temperature, sample, seeds, config, tag=len(batch)
                     )
-                    batch.append((state, meta, temperature, sample, masked, request))
+                    batch.append((state, meta, temperature, sample, shown, request))
             if not batch:
                 break
             answers = _answers(llm, [item[-1] for item in batch], budget, summary)
             round_rows: list[tuple[_State, dict[str, Any]]] = []
-            for tag, (state, meta, temperature, sample, masked, _request) in enumerate(batch):
+            for tag, (state, meta, temperature, sample, shown, _request) in enumerate(batch):
                 completion = answers.get(tag)
                 if completion is None:  # not sent: the budget ran out
                     continue
@@ -163,8 +165,10 @@ def generate(
                             "root_id": source.root_id,
                             "parent_template": source.template,
                             "root_template": source.root_template,
-                            "masked": masked.text if masked else None,
-                            "mapping": masked.mapping if masked else {},
+                            "masked": shown.masked.text if shown.masked else None,
+                            "mapping": shown.masked.mapping if shown.masked else {},
+                            "prefix": shown.core.prefix,
+                            "suffix": shown.core.suffix,
                             "raw": completion.text,
                             "request_hash": completion.key,
                             "model": completion.model,
@@ -203,6 +207,21 @@ def generate(
         sources = next_sources
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What the LLM is shown of a template and what puts its answer back: the runs hidden at its
+    edges (`core.prefix`, `core.suffix`, empty unless request_shape is core) and the mask of the
+    body (None when placeholders are not protected)."""
+
+    core: Core
+    masked: Masked | None
+
+    @property
+    def text(self) -> str:
+        """The instruction as the LLM reads it."""
+        return self.masked.text if self.masked else self.core.body
+
+
 def build_request(
     template: str,
     meta: MetaPrompt,
@@ -211,24 +230,63 @@ def build_request(
     seeds: Seeds,
     config: Config,
     tag: Any = None,
-) -> tuple[Masked | None, ChatRequest]:
-    """The chat request rephrasing `template` under `meta` (placeholders masked unless disabled)."""
+) -> tuple[Shown, ChatRequest]:
+    """The chat request rephrasing `template` under `meta`, in the shape `expansion.request_shape` says."""
     from instraug.llm.base import ChatRequest
 
-    sampling = config.sampling
-    masked = mask_placeholders(template) if config.expansion.protect_placeholders else None
-    shown = masked.text if masked else template
-    tokens = masked.tokens if masked else _distinct(placeholders_of(template))
+    sampling, expansion = config.sampling, config.expansion
+    shape = request_shape(config)
+    hide = shape == "core" and expansion.protect_placeholders  # runs come back through the mask
+    core = split_core(template) if hide else Core("", template, "")
+    masked = mask_placeholders(core.body) if expansion.protect_placeholders else None
+    shown = Shown(core, masked)
+    tokens = masked.tokens if masked else _distinct(placeholders_of(core.body))
     request = ChatRequest(
-        messages=(("system", system_prompt(seeds, meta.text, tokens)), ("user", shown)),
+        messages=_messages(shape, seeds, meta.text, tokens, shown.text),
         temperature=temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
         stop=tuple(sampling.stop),
         sample_index=sample,
         tag=tag,
+        constraint=constraint_for(config, masked),
     )
-    return masked, request
+    return shown, request
+
+
+def request_shape(config: Config) -> str:
+    """The request shape in use: `expansion.request_shape`, auto resolved by the backend."""
+    shape = config.expansion.request_shape
+    if shape == "auto":
+        return "core" if config.llm.backend == "local" else "paper"
+    return shape
+
+
+def _messages(
+    shape: str, seeds: Seeds, meta: str, tokens: list[str], instruction: str
+) -> tuple[tuple[str, str], ...]:
+    """paper: the rules as system message, the instruction as user turn; examples: the example turns
+    in between; user_turn and core: the example turns, then the rules and the instruction in one user
+    turn. In those two, each example's user turn is worded the same way under the direct prompt, so
+    every request opens with the same turns (a server reuses what it computed for them)."""
+    if shape == "paper":
+        return (("system", system_prompt(seeds, meta, tokens)), ("user", instruction))
+    if shape == "examples":
+        turns = [(ex.instruction, ex.rewrite) for ex in seeds.examples]
+        system = ("system", system_prompt(seeds, meta, tokens))
+        return (system, *_pairs(turns), ("user", instruction))
+    turns = [
+        (
+            user_prompt(seeds, seeds.direct, _distinct(_MASK_TOKEN.findall(ex.instruction)), ex.instruction),
+            ex.rewrite,
+        )
+        for ex in seeds.examples
+    ]
+    return (*_pairs(turns), ("user", user_prompt(seeds, meta, tokens, instruction)))
+
+
+def _pairs(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [message for user, assistant in turns for message in (("user", user), ("assistant", assistant))]
 
 
 def _answers(
@@ -262,6 +320,9 @@ def _answers(
 
 def _distinct(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+_MASK_TOKEN = re.compile(r"\{[A-Z]{1,2}\}")
 
 
 @dataclass
@@ -311,7 +372,7 @@ def estimate(
             meta_i, temperature, sample = attempt_plan(
                 attempt, len(meta_prompts), config.sampling.temperatures
             )
-            _masked, request = build_request(
+            _shown, request = build_request(
                 template["template"], meta_prompts[meta_i], temperature, sample, seeds, config
             )
             chars += sum(len(text) for _role, text in request.messages)

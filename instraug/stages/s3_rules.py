@@ -30,8 +30,11 @@ from instraug.placeholders import (
     Placeholder,
     RenderError,
     canonical,
+    mask_placeholders,
     parse_template,
+    restore_core,
     restore_placeholders,
+    split_core,
 )
 from instraug.records import Generation, Instruction, Verdict, pool_row
 from instraug.stages.s3_cleanup import answer_like, clean_response
@@ -106,6 +109,9 @@ def build_candidate(
     if _stray_braces(text) > _stray_braces(masked):
         reasons.append("bad_braces")
     template, unknown = restore_placeholders(text, Masked(masked, letters))
+    core = split_core(parent_template)  # request_shape core: the LLM saw only the body, masked
+    if core.body != parent_template and masked == mask_placeholders(core.body).text:
+        template = restore_core(template, core)  # the hidden runs (the row's prefix, suffix) go back
     if unknown:
         reasons.append("mask_left")
     return text, template, reasons
