@@ -221,7 +221,8 @@ def _run_stages(
             path = cache_file(cache_path, config.llm.cache_path, out)
             judge = open_judge(stack, config.filters, config.llm, llm, path, offline=offline, quiet=quiet)
             samples = _samples(directory, config, rows)
-            with RuleChain(config.filters, samples, originals=rows, judge=judge) as chain:
+            shown = [text for e in seeds.examples for text in (e.instruction, e.rewrite)]
+            with RuleChain(config.filters, samples, originals=rows, judge=judge, examples=shown) as chain:
                 generated = generate(
                     rows, metas, seeds, config, llm(), chain.judge, summary, config.budget, chain.prefetch
                 )

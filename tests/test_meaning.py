@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import read_jsonl, write_jsonl
 
 from instraug.config import FilterConfig, MeaningConfig
 from instraug.funnel import REASONS
@@ -176,3 +178,41 @@ def test_content_lost_counts_the_roots_key_words() -> None:
     note = content_lost("Answer this question about it.", root, keys, 0.5)
     assert note is not None and note.startswith("kept 0 of 3 key words of the task")
     assert content_lost("Answer this question about it.", root, keys, 0.0) is None
+
+
+def test_instraug_filter_rejects_a_reply_copied_from_the_shipped_example_turns(
+    cli: Any, tmp_path: Path
+) -> None:
+    from instraug.stages.s1_meta_prompts import example_texts
+
+    copied = example_texts()[1]  # the rewrite of the first example turn, as the model saw it
+    root = "Describe the region {region} of the image in a few words."
+    masked = mask_placeholders(root)
+    templates = [
+        {"task": "GC", "template": root, "instruction_id": "GC/0", "origin": "original", "root_id": "GC/0"}
+    ]
+    row = {
+        "template_id": "GC/0",
+        "task": "GC",
+        "root_id": "GC/0",
+        "parent_template": root,
+        "root_template": root,
+        "masked": masked.text,
+        "mapping": masked.mapping,
+        "raw": copied.replace("{A}", "{A} ") if "{A}" in copied else copied + " {A}",
+    }
+    write_jsonl(tmp_path / "t.jsonl", templates)
+    write_jsonl(tmp_path / "g.jsonl", [row])
+    result = cli(
+        "filter",
+        tmp_path / "g.jsonl",
+        "-t",
+        tmp_path / "t.jsonl",
+        "-o",
+        tmp_path / "p.jsonl",
+        "--rejected",
+        tmp_path / "r.jsonl",
+    )
+    assert result.exit_code == 0, result.stderr
+    [rejected] = read_jsonl(tmp_path / "r.jsonl")
+    assert "example_copy" in rejected["reasons"]

@@ -57,6 +57,7 @@ def filter_command(
     from instraug.config import load_config
     from instraug.errors import InputError
     from instraug.rundir import cache_path
+    from instraug.stages.s1_meta_prompts import example_texts
     from instraug.stages.s3_filter import filter_to_pool, sample_instances
     from instraug.stages.s3_judge import open_judge
 
@@ -83,7 +84,8 @@ def filter_command(
             return stack.enter_context(open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet))
 
         judge = open_judge(stack, filters, settings.llm, llm, path, offline=offline, quiet=quiet)
-        written = filter_to_pool(generations, templates, output, rejected, filters, samples, judge)
+        shown = example_texts(settings.meta_prompts.directory)
+        written = filter_to_pool(generations, templates, output, rejected, filters, samples, judge, shown)
     summary = written.funnel
     info(f"filter: {written.originals} originals + {summary.kept} kept rewrites -> {output}", quiet)
     for line in summary.funnel():

@@ -62,13 +62,14 @@ def generate(
     from instraug.jsonl import read_jsonl, write_jsonl
     from instraug.llm import EXIT_COMPLETED_WITH_FAILURES, BatchExported, open_llm
     from instraug.rundir import cache_path
-    from instraug.stages.s1_meta_prompts import load_seeds
+    from instraug.stages.s1_meta_prompts import example_texts, load_seeds
     from instraug.stages.s2_generate import GenerationSummary
     from instraug.stages.s2_generate import generate as generate_rows
     from instraug.stages.s3_filter import RuleChain, sample_instances
 
     only_one_stdin(("--templates", templates), ("--meta-prompts", meta_prompts), ("--instances", instances))
     settings = load_config(config)
+    examples_dir = settings.meta_prompts.directory
     path = cache_path(cache, settings.llm.cache_path)
     inputs = [templates, meta_prompts, config, path, *instance_inputs(instances, settings.assembly.split)]
     refuse_output_over_inputs(output, [*inputs, import_batch])
@@ -88,7 +89,9 @@ def generate(
     batch_files = {"export_batch": export_batch, "import_batch": import_batch}
     try:
         with (
-            RuleChain(settings.filters, samples, originals=rows) as chain,
+            RuleChain(
+                settings.filters, samples, originals=rows, examples=example_texts(examples_dir)
+            ) as chain,
             open_llm(settings.llm, cache_path=path, offline=offline, quiet=quiet, **batch_files) as llm,
         ):
             seeds = load_seeds(settings.meta_prompts.directory)

@@ -117,6 +117,7 @@ def filter_to_pool(
     config: FilterConfig | None = None,
     samples: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]] | None = None,
     judge: Judge | None = None,
+    examples: Sequence[str] = (),
 ) -> PoolWritten:
     """Judge every row of `generations` again, then write the rows of `templates` and every kept
     rewrite as one pool (`instraug filter`; `expand` builds its pool from stage 2's verdicts).
@@ -125,7 +126,7 @@ def filter_to_pool(
     every row was read.
     """
     originals = [row for _name, _line, row in validated_rows(read_jsonl(templates), _name_of(templates))]
-    chain = RuleChain(config, samples, originals=originals, judge=judge)
+    chain = RuleChain(config, samples, originals=originals, judge=judge, examples=examples)
     with contextlib.ExitStack() as stack:
         stack.enter_context(chain)
         out = stack.enter_context(atomic_writer(output))
