@@ -20,11 +20,12 @@ edge hidden, even inside a sentence ("Which option overlaps most with" + hidden
 " {given_region}?..."), asked only for the templates where that differs from split_core.
 
 Every reply is judged by the stage-3 rules with configs/default.yaml's filters (the RuleChain
-`instraug filter` runs; render checks on the instances of the mini checkout and of the shared
-train.jsonl). Prints, per shape, the replies accepted out of those asked and the seconds per
-request sent; writes each shape's rows (generations-SHAPE.jsonl), every accepted reply with its
-template (accepted.jsonl, to label by hand) and the timings (timings.json) to --work. Replies are
-cached there (cache.sqlite): a second run sends nothing and reuses the timings it measured.
+`instraug filter` runs, with the example turns for `example_copy`; render checks on the instances
+of the mini checkout and of the shared train.jsonl). Prints, per shape, the replies accepted out
+of those asked and the seconds per request sent; writes each shape's rows
+(generations-SHAPE.jsonl), every accepted reply with its template (accepted.jsonl, to label by
+hand) and the timings (timings.json) to --work. Replies are cached there (cache.sqlite): a second
+run sends nothing and reuses the timings it measured.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from instraug.multiinstruct import import_templates
 from instraug.placeholders import Core, placeholders_of, split_core
 from instraug.records import MetaPrompt
 from instraug.stages import s2_generate, s3_rules
-from instraug.stages.s1_meta_prompts import load_seeds
+from instraug.stages.s1_meta_prompts import example_texts, load_seeds
 from instraug.stages.s2_generate import GenerationSummary, augmentable, generate
 from instraug.stages.s3_filter import sample_instances
 from instraug.stages.s3_rules import RuleChain
@@ -154,7 +155,7 @@ def judge_rows(
     rows: list[dict[str, Any]], config: Config, samples: Any, originals: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """The saved rows judged again, in order, by a fresh rule chain."""
-    with RuleChain(config.filters, samples, originals=originals) as chain:
+    with RuleChain(config.filters, samples, originals=originals, examples=example_texts()) as chain:
         out = []
         for row in rows:
             verdict = chain.judge(row)
@@ -210,7 +211,7 @@ def main() -> None:
         with (
             split,
             open_llm(config.llm, cache_path=args.work / "cache.sqlite", quiet=True) as llm,
-            RuleChain(config.filters, samples, originals=originals) as chain,
+            RuleChain(config.filters, samples, originals=originals, examples=example_texts()) as chain,
         ):
             started = time.perf_counter()
             rows = list(generate(asked_templates, metas, seeds, config, llm, chain.judge, summary))
