@@ -234,6 +234,11 @@ class NearDuplicateConfig(Section):
     max_cosine: Number = Field(default=0.985, gt=0, le=1)
 
 
+#: filters.meaning.max_new_words: auto (measured on labeled replies, README "Filters").
+MAX_NEW_WORDS_LOCAL = 0
+MAX_NEW_WORDS_SERVER = 4
+
+
 class MeaningConfig(Section):
     """Rules on what a rewrite says (control_token, foreign_text, example_copy, meaning_flip,
     content_lost); thresholds measured on labeled replies of the embedded model (README)."""
@@ -248,6 +253,15 @@ class MeaningConfig(Section):
     example_copy: Bool = True
     #: A contrast word of the original replaced by its opposite (least -> most, next -> previous).
     meaning_flip: Bool = True
+    #: A yes/no question where the original asks for something else (the expected answer changes).
+    answer_changed: Bool = True
+    #: Content words that neither the original nor any template of the task uses (synonyms of theirs
+    #: count as theirs): more than max_new_words of them and the rewrite talks about something else.
+    new_content: Bool = True
+    #: auto: 0 with the local backend (measured: the embedded model's faithful rewrites reuse the
+    #: task's words; its unfaithful ones bring new ones), 4 with a server (hand-written good rewrites
+    #: bring up to 4 synonyms the templates lack; the judge reads the meaning there).
+    max_new_words: Int | Literal["auto"] = Field(default="auto")
     #: Too few of the task's key words (content words most of its templates share) left.
     content_lost: Bool = True
     #: content_lost: the share of the root's key words a rewrite must keep.
@@ -322,6 +336,15 @@ class Config(Section):
     filters: FilterConfig = Field(default_factory=FilterConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    @model_validator(mode="after")
+    def _resolve_auto(self) -> Config:
+        meaning = self.filters.meaning
+        if meaning.max_new_words == "auto":
+            meaning.max_new_words = (
+                MAX_NEW_WORDS_LOCAL if self.llm.backend == "local" else MAX_NEW_WORDS_SERVER
+            )
+        return self
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -29,6 +29,8 @@ REASONS: tuple[str, ...] = (
     "foreign_text",  # letters of another script, or words neither English nor the original's
     "example_copy",  # a run of words copied from the example turns of the request
     "meaning_flip",  # a contrast word of the original replaced by its opposite (least -> most)
+    "answer_changed",  # a yes/no question where the original asks for something else
+    "new_content",  # words the task's templates never use (filters.meaning.max_new_words)
     "content_lost",  # too few of the task's key words left (filters.meaning.min_key_words_kept)
     "render_fails",  # does not render on a sample instance of its task
     "semantic_drift",  # embedding similarity to the root below filters.semantic.min_similarity

@@ -45,6 +45,7 @@ EXAMPLE_TURNS = ["Write the recipe for the dish in the photo using at most three
 
 
 def chain(**meaning: Any) -> RuleChain:
+    meaning.setdefault("max_new_words", 0)  # as with the embedded model
     originals = [
         {"task": "select_overlap_least_region", "template": t, "instruction_id": f"o/{i}"}
         for i, t in enumerate(OVERLAP)
@@ -71,12 +72,14 @@ def judge(reply: str, root: str = OVERLAP[1], **meaning: Any) -> list[str]:
 
 def test_the_new_reasons_sit_between_answer_like_and_render_fails() -> None:
     start = REASONS.index("answer_like")
-    assert REASONS[start : start + 7] == (
+    assert REASONS[start : start + 9] == (
         "answer_like",
         "control_token",
         "foreign_text",
         "example_copy",
         "meaning_flip",
+        "answer_changed",
+        "new_content",
         "content_lost",
         "render_fails",
     )
@@ -90,6 +93,9 @@ def test_the_new_reasons_sit_between_answer_like_and_render_fails() -> None:
         ("Which option has the least overlap with {A}?{B} {C} 衣装", "foreign_text"),
         ("Write the recipe for the option that overlaps least with {A}?{B} {C}", "example_copy"),
         ("Answer this question. The part is specified by {A}.{B} {C}", "content_lost"),
+        ("Which option has the least overlap with {A} on the chessboard?{B} {C}", "new_content"),
+        ("Question, which option has the least overlap with {A}?{B} {C}", "answer_like"),
+        ("I think the option with the least overlap with {A} wins.{B} {C}", "answer_like"),
     ],
 )
 def test_what_slipped_through_the_form_rules_is_caught(reply: str, reason: str) -> None:
@@ -216,3 +222,44 @@ def test_instraug_filter_rejects_a_reply_copied_from_the_shipped_example_turns(
     assert result.exit_code == 0, result.stderr
     [rejected] = read_jsonl(tmp_path / "r.jsonl")
     assert "example_copy" in rejected["reasons"]
+
+
+def test_a_yes_no_question_for_a_task_that_asks_for_something_else() -> None:
+    from instraug.stages.s3_meaning import answer_changed
+
+    root = "Find every region of the image that contains {P}."
+    assert answer_changed("Is there any region of the image that contains {P}?", root) is not None
+    assert answer_changed("Which regions of the image contain {P}?", root) is None
+    assert answer_changed("Does the image support {P}?", "Decide whether the image supports {P}.") is None
+    # options say what an answer may be, whatever the question's form
+    assert answer_changed("Is {P} true?", "Which option is right for {P}?", options=True) is None
+
+
+def test_new_content_counts_words_no_template_of_the_task_uses() -> None:
+    from instraug.stages.s3_meaning import new_content, task_vocabulary
+
+    vocabulary = task_vocabulary([display(t) for t in OVERLAP])
+    assert vocabulary is not None and task_vocabulary([display(t) for t in OVERLAP[:2]]) is None
+    root = display(OVERLAP[1])
+    assert new_content("Which choice shares the smallest area with {P}?", root, vocabulary, 0) is None
+    note = new_content("Which option has the least overlap with {P} on the chessboard?", root, vocabulary, 0)
+    assert note == "1 words the task's templates never use: chessboard"
+    assert (
+        new_content("Which option has the least overlap with {P} on the chessboard?", root, vocabulary, 1)
+        is None
+    )
+    assert new_content("Use a compass here.", root, None, 0) is None  # the task's words are not known
+
+
+def test_max_new_words_auto_follows_the_backend(tmp_path: Path) -> None:
+    from instraug.config import MAX_NEW_WORDS_LOCAL, MAX_NEW_WORDS_SERVER, load_config
+
+    local = tmp_path / "local.yaml"
+    local.write_text("llm:\n  backend: local\n")
+    server = tmp_path / "server.yaml"
+    server.write_text("llm:\n  backend: openai\n  model: m\n")
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text("llm:\n  backend: local\nfilters:\n  meaning:\n    max_new_words: 2\n")
+    assert load_config(local).filters.meaning.max_new_words == MAX_NEW_WORDS_LOCAL
+    assert load_config(server).filters.meaning.max_new_words == MAX_NEW_WORDS_SERVER
+    assert load_config(explicit).filters.meaning.max_new_words == 2

@@ -358,11 +358,21 @@ def answer_like(candidate: str, parent: str, root: str | None = None) -> str | N
         m = opener.match(head)
         if m and not _SOFT_ANYWHERE[name].search(context) and not instruction_cue(head[m.end() :]):
             return f"opens like a description ({name})"
+    if _FIRST_PERSON.search(_ASKING_YOU.sub(" ", low)) and not _FIRST_PERSON.search(context):
+        return "talks in the first person"
+    label = _STRAY_LABEL.match(head)
+    if label and not _STRAY_LABEL.match(_strip_leading_placeholders(context)):
+        return f"opens with a stray label ({label[1]},)"
     if _answers_own_question(low) and not _answers_own_question(parent.lower()):
         return "answers its own question"
     if not instruction_cue(candidate) and instruction_cue(parent):
         return "no sign of an instruction"
     return None
+
+
+_STRAY_LABEL = re.compile(r"(question|answer|instruction|output|response|rewrite|task)\s*,")
+_ASKING_YOU = re.compile(r"(?<![\w'])i(?: want| would like|'d like| need) you\b")  # an instruction still
+_FIRST_PERSON = re.compile(r"(?<![\w'])i(?:'m|'ve|'ll|'d)?(?![\w'])")
 
 
 def _answers_own_question(text: str) -> bool:

@@ -46,7 +46,7 @@ STOPWORDS = frozenset(
 ) | frozenset(
     # the scaffolding of any instruction, not what a task is about
     """task generate write produce create give provide compose output answer respond reply tell
-    look see view read show shown shows""".split()
+    look see view read show shown shows say particular specific specified certain""".split()
 )
 
 #: Words whose meaning flips to another of the pair (a template saying one must not say the other).
@@ -83,6 +83,8 @@ SYNONYMS: tuple[str, ...] = (
     "overlap intersect",
     "decide judge tell",
     "colour color",
+    "least fewest smallest lowest minimum minimal",
+    "most highest largest greatest maximum maximal",
 )
 
 
@@ -95,11 +97,13 @@ def words(text: str) -> list[str]:
 @functools.lru_cache(maxsize=65536)
 def stem(word: str) -> str:
     """A crude English stem, so that region/regions and overlap/overlapping meet."""
-    for suffix in ("ing", "ed", "es", "s", "ly"):
+    for suffix in ("ies", "ied", "ing", "ed", "es", "s", "ly"):
         if len(word) > len(suffix) + 3 and word.endswith(suffix):
-            word = word[: -len(suffix)]
+            word = word[: -len(suffix)] + ("y" if suffix in ("ies", "ied") else "")
             break
-    return word[:-1] if len(word) > 4 and word.endswith("e") else word
+    if len(word) > 4 and word.endswith("e"):
+        word = word[:-1]
+    return word[:-1] + "i" if len(word) > 4 and word.endswith("y") else word
 
 
 def _synonym_classes() -> dict[str, str]:
@@ -178,6 +182,32 @@ def meaning_flip(reply: str, root: str) -> str | None:
     return None
 
 
+#: Words that open a question to be answered yes or no.
+_YES_NO_OPENERS = frozenset(
+    "is are was were am can could does do did will would should shall has have had may might must".split()
+)
+
+
+def _yes_no_questions(text: str) -> bool:
+    """True when a sentence of `text` is a yes/no question, or the text asks whether/if."""
+    for sentence in re.split(r"(?<=[.?!])\s+|\n+", text):
+        tokens = words(sentence)
+        if tokens and tokens[0] in _YES_NO_OPENERS and sentence.rstrip().endswith("?"):
+            return True
+    return bool(re.search(r"\b(?:whether|if)\b", text, re.IGNORECASE))
+
+
+def answer_changed(reply: str, root: str, options: bool = False) -> str | None:
+    """The rewrite asks a yes/no question where the original asks for something else: the expected
+    answer changes (Find the regions of {text} -> Is there a region with {text}?). A template with
+    `options` is not judged."""
+    if options or "[options]" in root.lower():
+        return None  # the options say what an answer may be, whatever the question's form
+    if _yes_no_questions(reply) and not _yes_no_questions(root):
+        return "asks a yes/no question; the original asks for something else"
+    return None
+
+
 def task_key_stems(originals: Sequence[str]) -> set[str]:
     """The content stems that say what a task is: those at least half of its expert-written
     templates share. A task with fewer than 3 templates has none (its wording cannot be told
@@ -187,6 +217,26 @@ def task_key_stems(originals: Sequence[str]) -> set[str]:
     counts = Counter(s for text in originals for s in content_stems(text))
     need = (len(originals) + 1) // 2
     return {s for s, n in counts.items() if n >= need}
+
+
+def task_vocabulary(originals: Sequence[str]) -> set[str] | None:
+    """Every content stem the task's expert-written templates use (None for fewer than 3: too few
+    to know the words of a task)."""
+    if len(originals) < 3:
+        return None
+    return {s for text in originals for s in content_stems(text)}
+
+
+def new_content(reply: str, root: str, vocabulary: set[str] | None, max_new: int) -> str | None:
+    """More than `max_new` content words that neither the root nor any template of the task uses
+    (a synonym of theirs counts as theirs): the rewrite talks about something else. A task whose
+    vocabulary is not known (None) is not judged."""
+    if vocabulary is None:
+        return None
+    added = sorted(content_stems(reply) - content_stems(root) - vocabulary)
+    if len(added) <= max_new:
+        return None
+    return f"{len(added)} words the task's templates never use: {', '.join(added[:4])}"
 
 
 def content_lost(reply: str, root: str, key_stems: set[str], min_kept: float) -> str | None:
@@ -224,18 +274,30 @@ class MeaningRules:
         texts of the request's example turns."""
         self.config = config
         self._key_stems = {task: task_key_stems(texts) for task, texts in originals.items()}
+        self._vocabulary = {task: task_vocabulary(texts) for task, texts in originals.items()}
         self._example_grams = example_ngrams(examples)
         self._english = english_words() if config.foreign_text and config.english_words else None
+        from instraug.config import MAX_NEW_WORDS_SERVER
 
-    def check(self, task: str, reply: str, display: str, root: str) -> dict[str, str]:
+        limit = config.max_new_words
+        self._max_new = MAX_NEW_WORDS_SERVER if limit == "auto" else limit
+
+    def check(self, task: str, reply: str, display: str, root: str, options: bool = False) -> dict[str, str]:
         """reason -> note for every rule the rewrite fails. `reply`: the cleaned reply; `display`:
-        the candidate's text (constants shown, other placeholders as {P}); `root`: the root's."""
+        the candidate's text (constants shown, other placeholders as {P}); `root`: the root's; `options`:
+        the root shows answer options."""
         config, found = self.config, {}
         checks = (
             ("control_token", config.control_token, lambda: control_token(reply, root)),
             ("foreign_text", config.foreign_text, lambda: foreign_text(display, root, self._english)),
             ("example_copy", config.example_copy, lambda: example_copy(display, root, self._example_grams)),
             ("meaning_flip", config.meaning_flip, lambda: meaning_flip(display, root)),
+            ("answer_changed", config.answer_changed, lambda: answer_changed(display, root, options)),
+            (
+                "new_content",
+                config.new_content,
+                lambda: new_content(display, root, self._vocabulary.get(task), self._max_new),
+            ),
             (
                 "content_lost",
                 config.content_lost,

@@ -283,7 +283,8 @@ class RuleChain:
             if why:
                 verdict.reasons.append("answer_like")
                 verdict.notes["answer_like"] = why
-        for reason, note in self._meaning.check(gen.task, cleaned, display, root.display).items():
+        options = any(p.lstrip("{").startswith("options") for p in root.placeholders)
+        for reason, note in self._meaning.check(gen.task, cleaned, display, root.display, options).items():
             verdict.reasons.append(reason)
             verdict.notes[reason] = note
         if template is not None:
