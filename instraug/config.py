@@ -235,7 +235,7 @@ class NearDuplicateConfig(Section):
 
 
 #: filters.meaning.max_new_words: auto (measured on labeled replies, README "Filters").
-MAX_NEW_WORDS_LOCAL = 0
+MAX_NEW_WORDS_LOCAL = 1
 MAX_NEW_WORDS_SERVER = 4
 
 
@@ -258,9 +258,9 @@ class MeaningConfig(Section):
     #: Content words that neither the original nor any template of the task uses (synonyms of theirs
     #: count as theirs): more than max_new_words of them and the rewrite talks about something else.
     new_content: Bool = True
-    #: auto: 0 with the local backend (measured: the embedded model's faithful rewrites reuse the
-    #: task's words; its unfaithful ones bring new ones), 4 with a server (hand-written good rewrites
-    #: bring up to 4 synonyms the templates lack; the judge reads the meaning there).
+    #: auto: 1 with the local backend (measured on labeled replies of the embedded model: every
+    #: faithful one kept, 0 would lose a fifth), 4 with a server (hand-written good rewrites bring up
+    #: to 4 words the templates lack; the judge reads the meaning there).
     max_new_words: Int | Literal["auto"] = Field(default="auto")
     #: Too few of the task's key words (content words most of its templates share) left.
     content_lost: Bool = True

@@ -447,3 +447,12 @@ def test_paper_rows_hide_nothing() -> None:
     run = Run(make_config(factor=1), good, templates=[template_row("color", 0, COLOR)])
     (row,) = run.rows
     assert (row["prefix"], row["suffix"], row["masked"]) == ("", "", mask_placeholders(COLOR).text)
+
+
+def test_templates_of_tasks_upstreams_build_skips_are_not_augmented() -> None:
+    from instraug.instances import SKIPPED_TASKS
+    from instraug.stages.s2_generate import augmentable
+
+    assert "image_generation" in SKIPPED_TASKS
+    assert augmentable("Generate an image of {text}.", "image_generation", ()) == "skipped_task"
+    assert augmentable("Describe {text}.", "image_caption", ()) is None

@@ -165,6 +165,13 @@ def test_flips_need_the_opposite_without_the_original_word() -> None:
     assert meaning_flip("Find the next step.", "Find the previous step.") == "previous became next"
     assert meaning_flip("Is it the same or different?", "Is it the same?") is None  # both said
     assert meaning_flip("Answer the question.", "Find the previous step.") is None  # nothing opposite
+    assert (
+        meaning_flip("Do not select the content of {P}.", "Select the content of {P}.")
+        == "adds a negation (not)"
+    )
+    assert (
+        meaning_flip("Say whether it is not red.", "Say whether it is not blue.") is None
+    )  # negated already
 
 
 def test_key_words_are_what_most_templates_of_a_task_share() -> None:

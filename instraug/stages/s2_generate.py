@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from instraug.config import BudgetConfig, Config
 from instraug.errors import InputError
+from instraug.instances import SKIPPED_TASKS
 from instraug.placeholders import Core, Masked, literal_text, mask_placeholders, placeholders_of, split_core
 from instraug.records import MetaPrompt
 from instraug.stages.s1_meta_prompts import Seeds, system_prompt, user_prompt
@@ -69,6 +70,8 @@ def augmentable(template: str, task: str, held_out: Iterable[str]) -> str | None
     """Why a template is not augmented, or None when it is."""
     if task in set(held_out):
         return "held_out_task"
+    if task in SKIPPED_TASKS:  # upstream's build never renders its instances
+        return "skipped_task"
     if not literal_text(template).strip(" \t\n.,;:!?\"'"):
         return "pure_placeholder"
     return None

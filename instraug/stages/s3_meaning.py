@@ -172,9 +172,15 @@ def _grams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
+_NEGATIONS = frozenset("not no never none nothing neither nor don't doesn't isn't aren't can't cannot".split())
+
+
 def meaning_flip(reply: str, root: str) -> str | None:
-    """A contrast word of the original replaced by its opposite."""
+    """A contrast word of the original replaced by its opposite, or a negation the original lacks."""
     have, had = set(words(reply)), set(words(root))
+    added = sorted((have & _NEGATIONS) - had)
+    if added and not had & _NEGATIONS:
+        return f"adds a negation ({added[0]})"
     for one, other in CONTRASTS:
         for said, flipped in ((one, other), (other, one)):
             if had & said and not had & flipped and have & flipped and not have & said:
