@@ -165,13 +165,9 @@ def test_flips_need_the_opposite_without_the_original_word() -> None:
     assert meaning_flip("Find the next step.", "Find the previous step.") == "previous became next"
     assert meaning_flip("Is it the same or different?", "Is it the same?") is None  # both said
     assert meaning_flip("Answer the question.", "Find the previous step.") is None  # nothing opposite
-    assert (
-        meaning_flip("Do not select the content of {P}.", "Select the content of {P}.")
-        == "adds a negation (not)"
-    )
-    assert (
-        meaning_flip("Say whether it is not red.", "Say whether it is not blue.") is None
-    )  # negated already
+    plain, negated = "Select the content of {P}.", "Do not select the content of {P}."
+    assert meaning_flip(negated, plain, negation_known=True) == "adds a negation (not)"
+    assert meaning_flip(negated, plain) is None  # a template of the task may negate: not judged
 
 
 def test_key_words_are_what_most_templates_of_a_task_share() -> None:

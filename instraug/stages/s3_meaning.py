@@ -172,14 +172,17 @@ def _grams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
-_NEGATIONS = frozenset("not no never none nothing neither nor don't doesn't isn't aren't can't cannot".split())
+_NEGATIONS = frozenset(
+    "not no never none nothing neither nor don't doesn't isn't aren't can't cannot".split()
+)
 
 
-def meaning_flip(reply: str, root: str) -> str | None:
-    """A contrast word of the original replaced by its opposite, or a negation the original lacks."""
+def meaning_flip(reply: str, root: str, negation_known: bool = False) -> str | None:
+    """A contrast word of the original replaced by its opposite, or, when `negation_known` (the
+    task's templates are known and none of them negates), a negation the original lacks."""
     have, had = set(words(reply)), set(words(root))
     added = sorted((have & _NEGATIONS) - had)
-    if added and not had & _NEGATIONS:
+    if negation_known and added:
         return f"adds a negation ({added[0]})"
     for one, other in CONTRASTS:
         for said, flipped in ((one, other), (other, one)):
@@ -281,6 +284,9 @@ class MeaningRules:
         self.config = config
         self._key_stems = {task: task_key_stems(texts) for task, texts in originals.items()}
         self._vocabulary = {task: task_vocabulary(texts) for task, texts in originals.items()}
+        self._never_negates = {
+            task for task, texts in originals.items() if not any(set(words(t)) & _NEGATIONS for t in texts)
+        }
         self._example_grams = example_ngrams(examples)
         self._english = english_words() if config.foreign_text and config.english_words else None
         from instraug.config import MAX_NEW_WORDS_SERVER
@@ -297,7 +303,11 @@ class MeaningRules:
             ("control_token", config.control_token, lambda: control_token(reply, root)),
             ("foreign_text", config.foreign_text, lambda: foreign_text(display, root, self._english)),
             ("example_copy", config.example_copy, lambda: example_copy(display, root, self._example_grams)),
-            ("meaning_flip", config.meaning_flip, lambda: meaning_flip(display, root)),
+            (
+                "meaning_flip",
+                config.meaning_flip,
+                lambda: meaning_flip(display, root, task in self._never_negates),
+            ),
             ("answer_changed", config.answer_changed, lambda: answer_changed(display, root, options)),
             (
                 "new_content",
