@@ -24,9 +24,10 @@ from instraug.errors import (
     InstraugError,
 )
 from instraug.funnel import FilterSummary
+from instraug.instances import instance_files, read_instances
 from instraug.jsonl import read_jsonl, write_jsonl
 from instraug.locks import run_dir_lock
-from instraug.multiinstruct import import_templates, instance_files, read_instances
+from instraug.multiinstruct import import_templates
 from instraug.rundir import (
     GENERATIONS,
     INSTRUCTIONS,

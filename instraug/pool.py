@@ -9,11 +9,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from instraug.derived import CONSTANTS, derived_names
 from instraug.errors import InputError, TemplateError, validation_reason
 from instraug.jsonl import read_jsonl
-from instraug.multiinstruct import CONSTANTS, VariantSelector, derived_names
 from instraug.placeholders import CompiledTemplate
 from instraug.records import Instruction
+from instraug.variants import VariantSelector
 
 
 class PoolEntry:

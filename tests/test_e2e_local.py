@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from instraug.config import Config
+from instraug.derived import CONSTANTS, render_fields
+from instraug.instances import read_instances
 from instraug.jsonl import read_jsonl
-from instraug.multiinstruct import CONSTANTS, read_instances, render_fields
 from instraug.pipeline import run_pipeline as expand
 from instraug.placeholders import CompiledTemplate, placeholders_of
 

@@ -20,8 +20,9 @@ from helpers import read_jsonl
 from typer.testing import CliRunner, Result
 
 from instraug.cli import app
+from instraug.derived import CONSTANTS, render_fields
 from instraug.funnel import REASONS
-from instraug.multiinstruct import CONSTANTS, read_instances, render_fields
+from instraug.instances import read_instances
 from instraug.placeholders import CompiledTemplate, RenderError, mask_placeholders, placeholders_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "multiinstruct-mini"

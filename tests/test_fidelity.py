@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from helpers import STEP_ORDER_TASKS, FixedOrder, read_jsonl
 
-from instraug.multiinstruct import import_templates, render_fields
+from instraug.derived import render_fields
+from instraug.multiinstruct import import_templates
 from instraug.pool import InstructionPool
 
 

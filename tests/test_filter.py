@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from typer.testing import Result
 
 from instraug.config import FilterConfig, load_config
+from instraug.derived import CONSTANTS, render_fields
 from instraug.errors import ConfigError, InputError
 from instraug.funnel import REASONS
-from instraug.multiinstruct import CONSTANTS, import_templates, render_fields
+from instraug.multiinstruct import import_templates
 from instraug.placeholders import CompiledTemplate, literal_text, mask_placeholders, placeholders_of
 from instraug.records import Instruction, instruction_id
 from instraug.stages.s3_cleanup import clean_response

@@ -17,8 +17,8 @@ from typer.testing import Result
 
 from instraug.config import BUILTIN_BACKENDS, Config, load_config
 from instraug.errors import ConfigError, TemplateError
-from instraug.multiinstruct import MAX_CONDITION_DEPTH, MAX_CONDITION_LENGTH, VariantSelector
 from instraug.placeholders import RenderError
+from instraug.variants import MAX_CONDITION_DEPTH, MAX_CONDITION_LENGTH, VariantSelector
 
 Cli = Callable[..., Result]
 

@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from instraug.derived import render_fields
 from instraug.errors import InputError, TemplateError
-from instraug.multiinstruct import import_templates, render_fields
+from instraug.multiinstruct import import_templates
 from instraug.placeholders import parse_template, placeholders_of
 from instraug.pool import InstructionPool
 from instraug.records import Template

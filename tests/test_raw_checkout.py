@@ -13,6 +13,7 @@ from helpers import STEP_ORDER_TASKS, FixedOrder, pool_row, read_jsonl, write_js
 from hypothesis import given
 from hypothesis import strategies as st
 
+from instraug.derived import render_fields
 from instraug.instances import (
     META_REGION_TASKS,
     REGION_OPTION_TASKS,
@@ -21,7 +22,7 @@ from instraug.instances import (
     build_instance,
     read_instances,
 )
-from instraug.multiinstruct import import_templates, render_fields
+from instraug.multiinstruct import import_templates
 from instraug.pool import InstructionPool
 
 

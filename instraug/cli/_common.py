@@ -114,7 +114,7 @@ def instance_inputs(instances: str | Path | None, split: str = "train") -> list[
     """The files an `--instances` value stands for (each instance file of a MultiInstruct directory)."""
     if instances is None or str(instances) == STDIO:
         return []
-    from instraug.multiinstruct import instance_files
+    from instraug.instances import instance_files
 
     try:
         return list(instance_files(instances, split))

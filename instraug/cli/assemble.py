@@ -41,8 +41,8 @@ def assemble(
 ) -> None:
     """Rebuild a training set: each instance gets an instruction drawn from the pool (stage 4)."""
     from instraug.config import load_config
+    from instraug.instances import read_instances
     from instraug.jsonl import write_jsonl
-    from instraug.multiinstruct import read_instances
     from instraug.pool import InstructionPool
     from instraug.stages.s4_assemble import AssemblySummary
     from instraug.stages.s4_assemble import assemble as assemble_rows

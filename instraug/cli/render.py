@@ -30,8 +30,8 @@ def render(
     quiet: QuietOption = False,
 ) -> None:
     """Render every template of each instance's task on that instance."""
+    from instraug.instances import read_instances
     from instraug.jsonl import write_jsonl
-    from instraug.multiinstruct import read_instances
     from instraug.pool import InstructionPool
     from instraug.stages.s4_assemble import render_all
 

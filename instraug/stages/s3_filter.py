@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from instraug.config import FilterConfig
 from instraug.errors import InputError
 from instraug.funnel import FilterSummary
+from instraug.instances import instance_files, read_instances
 from instraug.jsonl import atomic_writer, read_jsonl
-from instraug.multiinstruct import instance_files, read_instances
 from instraug.pool import _validated as validated_rows  # the pool's own row validation
 from instraug.records import Verdict
 from instraug.stages.s3_rules import RuleChain, validate_generation

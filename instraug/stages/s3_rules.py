@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from instraug.config import FilterConfig
+from instraug.derived import CONSTANTS, render_fields
 from instraug.errors import InputError, TemplateError, validation_reason
 from instraug.funnel import REASON_ORDER, FilterSummary
-from instraug.multiinstruct import CONSTANTS, VariantSelector, render_fields
 from instraug.placeholders import (
     CompiledTemplate,
     Masked,
@@ -40,6 +40,7 @@ from instraug.records import Generation, Instruction, Verdict, pool_row
 from instraug.stages.s3_cleanup import answer_like, clean_response
 from instraug.stages.s3_meaning import MeaningRules
 from instraug.stages.s3_semantic import SemanticRules, constant_text
+from instraug.variants import VariantSelector
 
 if TYPE_CHECKING:
     from instraug.embeddings import Embedder

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from instraug.config import FilterConfig
-from instraug.multiinstruct import CONSTANTS
+from instraug.derived import CONSTANTS
 from instraug.placeholders import Placeholder, parse_template
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from instraug.derived import derived_names, render_fields
 from instraug.errors import InputError
-from instraug.multiinstruct import derived_names, render_fields
 from instraug.placeholders import RenderError
 from instraug.pool import InstructionPool
 
