@@ -138,3 +138,19 @@ def test_every_shipped_config_is_valid(path: Path) -> None:
     """Every config in configs/ loads, and none lets a held-out task into training data."""
     config = load_config(path)
     assert set(config.assembly.held_out_tasks) >= MULTIINSTRUCT_HELD_OUT
+
+
+def test_the_default_config_file_shows_every_key() -> None:
+    """configs/default.yaml says it shows every key: a key added to the models must appear there."""
+    shown = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "default.yaml").read_text())
+
+    def missing(have: dict, want: dict, path: str = "") -> list[str]:
+        out = []
+        for key, value in want.items():
+            if key not in have:
+                out.append(path + key)
+            elif isinstance(value, dict) and isinstance(have[key], dict):
+                out += missing(have[key], value, f"{path}{key}.")
+        return out
+
+    assert missing(shown, Config().model_dump(mode="json")) == []
