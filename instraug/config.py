@@ -165,6 +165,9 @@ class ExpansionConfig(Section):
     max_attempts: Int = Field(6, ge=1)
     iterations: Int = Field(1, ge=1, le=10)
     protect_placeholders: Bool = True
+    #: Samples of one prompt asked in a row (sample index fastest), so that llm.n answers them in one
+    #: API call that bills the prompt once; 1: meta-prompts vary fastest, as in the paper.
+    samples_per_prompt: Int = Field(1, ge=1, le=128)
     #: How a rephrasing is asked for, each shape adding one change to the one before: paper (the
     #: meta-prompt as system message, the template as user turn) | examples (+ example turns) |
     #: user_turn (meta-prompt and rules in the user turn) | core (+ placeholder runs at the start and

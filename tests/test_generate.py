@@ -8,6 +8,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,6 +202,21 @@ def test_attempt_plan_varies_meta_prompts_fastest_then_temperature_then_sample(
 ) -> None:
     expected = [(m, t, s) for s in range(4) for t in temperatures for m in range(n_meta)]
     assert [attempt_plan(i, n_meta, temperatures) for i in range(len(expected))] == expected
+
+
+@pytest.mark.parametrize("per_prompt", [2, 3])
+def test_several_samples_of_one_prompt_come_in_a_row(per_prompt: int) -> None:
+    n_meta, temperatures = 2, [0.5, 1.0]
+    plan = [attempt_plan(i, n_meta, temperatures, per_prompt) for i in range(n_meta * 2 * per_prompt * 2)]
+    expected = [
+        (m, t, r * per_prompt + s)
+        for r in range(2)
+        for t in temperatures
+        for m in range(n_meta)
+        for s in range(per_prompt)
+    ]
+    assert plan == expected
+    assert len(set(plan)) == len(plan)  # no request asked twice
 
 
 def test_requests_follow_the_attempt_plan() -> None:
@@ -456,3 +472,34 @@ def test_templates_of_tasks_upstreams_build_skips_are_not_augmented() -> None:
     assert "image_generation" in SKIPPED_TASKS
     assert augmentable("Generate an image of {text}.", "image_generation", ()) == "skipped_task"
     assert augmentable("Describe {text}.", "image_caption", ()) is None
+
+
+def test_samples_of_one_prompt_go_in_one_call_with_llm_n(tmp_path: Path) -> None:
+    """samples_per_prompt with llm.n: one API call answers the samples of a prompt (billed once)."""
+    import yaml
+    from fake_openai_server import ScriptedOpenAIServer
+    from test_expand import EXAMPLE, KEY_ENV, write_config
+    from typer.testing import CliRunner
+
+    from instraug.cli import app
+
+    def run(per_prompt: int, n: int) -> tuple[int, dict[str, Any]]:
+        with ScriptedOpenAIServer() as server:
+            path = write_config(tmp_path / f"c{per_prompt}{n}.yaml", server.url)
+            config = yaml.safe_load(path.read_text())
+            config["llm"]["n"] = n
+            config["expansion"] = {"factor": 3, "max_attempts": 3, "samples_per_prompt": per_prompt}
+            config["meta_prompts"] = {"merge": "curated", "count": 3}
+            path.write_text(yaml.safe_dump(config))
+            out = tmp_path / f"run{per_prompt}{n}"
+            result = CliRunner().invoke(
+                app, ["expand", str(EXAMPLE), "-o", str(out), "-c", str(path), "-q"], env={KEY_ENV: "k"}
+            )
+            assert result.exit_code == 0, result.stderr
+            return len(server.requests), json.loads((out / "report.json").read_text())["llm"]
+
+    calls_apart, llm_apart = run(1, 3)  # the paper's plan: three meta-prompts, nothing to group
+    calls_grouped, llm_grouped = run(3, 3)
+    assert llm_apart["requests"] == llm_grouped["requests"]
+    assert calls_apart == llm_apart["requests"]
+    assert calls_grouped * 3 == llm_grouped["requests"]

@@ -77,11 +77,15 @@ def augmentable(template: str, task: str, held_out: Iterable[str]) -> str | None
     return None
 
 
-def attempt_plan(index: int, n_meta: int, temperatures: list[float]) -> tuple[int, float, int]:
-    """Attempt number -> (meta-prompt index, temperature, sample index): meta-prompts vary fastest."""
-    meta = index % n_meta
-    temperature = temperatures[(index // n_meta) % len(temperatures)]
-    sample = index // (n_meta * len(temperatures))
+def attempt_plan(
+    index: int, n_meta: int, temperatures: list[float], per_prompt: int = 1
+) -> tuple[int, float, int]:
+    """Attempt number -> (meta-prompt index, temperature, sample index): `per_prompt` samples of one
+    prompt in a row (one API call with llm.n), then meta-prompts vary fastest, then temperatures."""
+    group, within = divmod(index, per_prompt)
+    meta = group % n_meta
+    temperature = temperatures[(group // n_meta) % len(temperatures)]
+    sample = group // (n_meta * len(temperatures)) * per_prompt + within
     return meta, temperature, sample
 
 
@@ -135,7 +139,7 @@ def generate(
                 need = min(expansion.factor - state.kept, expansion.max_attempts - state.attempts)
                 for _ in range(max(need, 0)):
                     meta_i, temperature, sample = attempt_plan(
-                        state.attempts, len(meta_prompts), sampling.temperatures
+                        state.attempts, len(meta_prompts), sampling.temperatures, expansion.samples_per_prompt
                     )
                     state.attempts += 1
                     summary.attempts[state.source.root_id] += 1
@@ -373,7 +377,7 @@ def estimate(
         out.templates += 1
         for attempt in range(expansion.max_attempts):
             meta_i, temperature, sample = attempt_plan(
-                attempt, len(meta_prompts), config.sampling.temperatures
+                attempt, len(meta_prompts), config.sampling.temperatures, expansion.samples_per_prompt
             )
             _shown, request = build_request(
                 template["template"], meta_prompts[meta_i], temperature, sample, seeds, config
