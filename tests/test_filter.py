@@ -823,3 +823,14 @@ def test_filter_has_help(cli: Cli) -> None:
     result = cli("filter", "--help")
     assert result.exit_code == 0
     assert "--rejected" in result.stdout and "--instances" in result.stdout
+
+
+def test_an_unprotected_reply_that_joins_a_constant_fails_to_render_instead_of_crashing() -> None:
+    """Without masking the reply is a template of its own; one the grammar reads but no instance can
+    render (a constant joined) is a rejection, never an exception."""
+    parent = 'Pick one.{options_token} {options|join("||||")}'
+    raw = 'Pick one of these.{options_token} {options_token|join("||||")}'
+    chain = RuleChain(samples={"VQA": [{"task_name": "VQA", "options": ["a", "b"]}]})
+    verdict = chain.judge(gen(parent, raw, task="VQA", root_id="VQA/0", protect=False))
+    assert "render_fails" in verdict.reasons
+    assert "options_token is a constant" in verdict.notes["render_fails"]

@@ -28,9 +28,7 @@ def stop_signals(quiet: bool) -> Iterator[None]:
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, stop)
-    if previous[signal.SIGINT] is signal.SIG_IGN:
-        info(f"SIGINT is ignored here (as in a background job): stop it with `kill {os.getpid()}`", quiet)
-    else:
+    if previous[signal.SIGINT] is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, stop)
     try:
         yield
@@ -63,6 +61,11 @@ def serve(
                 f"model: {LocalBackend.resolve_model(settings)}}}\nCtrl-C or SIGTERM stops it.",
                 quiet,
             )
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # said once the server is up
+                info(
+                    f"SIGINT is ignored here (as in a background job): stop it with `kill {os.getpid()}`",
+                    quiet,
+                )
             code = server.wait()
             raise LLMError(f"the llama.cpp server {exit_status(code)}")
         except KeyboardInterrupt:

@@ -330,9 +330,9 @@ class RuleChain:
                 return
             try:
                 CompiledTemplate(verdict.template, CONSTANTS).render(fields)
-            except RenderError as exc:
+            except (RenderError, TemplateError) as exc:  # TemplateError: a constant joined or indexed
                 reasons.append("render_fails")
-                verdict.notes["render_fails"] = str(exc)
+                verdict.notes["render_fails"] = getattr(exc, "reason", None) or str(exc)
 
     def _sample_fields(self, task: str, variant: str | None, root_template: str) -> dict[str, Any] | None:
         """Fields of the first sample instance of the task on which the root template renders."""
