@@ -59,3 +59,5 @@ format: $(DEV)
 bench: $(SETUP)
 	$(BIN)/python benchmarks/assemble.py
 	$(BIN)/python benchmarks/throughput.py --embedded
+	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/noop_rerun.py
