@@ -130,17 +130,7 @@ class LLMSession:
                 hit = hits.get(key)
                 if hit is not None:
                     self.stats.cache_hits += 1
-                    completion = Completion(
-                        request=request,
-                        key=key,
-                        model=self.model,
-                        text=hit.text,
-                        finish_reason=hit.finish_reason,
-                        prompt_tokens=hit.prompt_tokens,
-                        completion_tokens=hit.completion_tokens,
-                        cached=True,
-                    )
-                    yield self._counted(completion, progress)
+                    yield self._counted(self._stored(request, key, hit), progress)
                 elif (answer := self._imported(request, key)) is not None:
                     yield self._counted(answer, progress)
                 elif self.offline and self.export is None:
@@ -169,6 +159,10 @@ class LLMSession:
             self.cache.put(key, fields, answer.text, answer.finish_reason, *tokens)
         self.imported.stored += 1
         self.stats.cache_hits += 1
+        return self._stored(request, key, answer)
+
+    def _stored(self, request: ChatRequest, key: str, answer: Any) -> Completion:
+        """The Completion of an answer already stored (a cache hit, an imported batch result)."""
         return Completion(
             request=request,
             key=key,
