@@ -5,11 +5,15 @@
 - `foreign_text`: letters of a script the original does not use (`衣装`), or, with the `language`
   extra (wordfreq), words that are neither English nor the original's (`mendatang`);
 - `example_copy`: a run of words copied from the fixed example turns of the request;
-- `meaning_flip`: a contrast word of the original replaced by its opposite (least → highest);
+- `meaning_flip`: a contrast word of the original replaced by its opposite (least → highest), or a
+  negation added to a task none of whose templates negates;
+- `answer_changed`: a yes/no question where the original asks for something else;
+- `new_content`: words that neither the original nor any template of the task uses;
 - `content_lost`: too few of the words that say what the task is (the content words the task's
   expert-written templates share) are left.
 
-They read words, never embeddings; thresholds are measured on labeled replies (README, "Filters").
+They read words, never embeddings; `max_new_words` and `min_key_words_kept` were chosen on labeled
+replies of the embedded model (README, "What the filters keep, read by hand").
 """
 
 from __future__ import annotations
