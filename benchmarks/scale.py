@@ -25,25 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from throughput import _BODY  # the same answer as the single-endpoint benchmark
+
 from instraug.config import LLMConfig
 from instraug.llm import ChatRequest, open_llm
 
-_BODY = json.dumps(
-    {
-        "id": "bench",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "bench",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Describe what the picture shows."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 30, "completion_tokens": 6, "total_tokens": 36},
-    }
-).encode()
 _MODELS = json.dumps({"object": "list", "data": [{"id": "bench", "object": "model"}]}).encode()
 
 

@@ -103,6 +103,11 @@ class Completion:
     cached: bool
     error: str | None = None
 
+    @classmethod
+    def failure(cls, request: ChatRequest, key: str, model: str, error: str) -> Completion:
+        """A request that got no answer, with why."""
+        return cls(request, key, model, None, None, 0, 0, False, error)
+
 
 @dataclass
 class RunStats:

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
@@ -28,6 +27,7 @@ from instraug.funnel import cost as priced
 from instraug.llm.base import Backend, ChatRequest, Completion, RunStats
 from instraug.llm.batch_files import Answer, ItemFailure, input_line, read_results
 from instraug.llm.batch_ledger import BatchLedger
+from instraug.llm.endpoints import endpoint_name
 from instraug.llm.responses import RetryableError, WaitRetryAfterOrBackoff, server_message
 
 if TYPE_CHECKING:
@@ -43,17 +43,6 @@ _FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 #: The metadata key that lets a run find a batch it created but could not record.
 _TAG = "instraug_batch"
 _RETRY_STATUS = frozenset({408, 409, 429})
-
-
-def shown_url(url: str | None) -> str:
-    """A server URL as messages and the ledger show it: without any user:password."""
-    if url is None:
-        return "api.openai.com"
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc))
 
 
 def batch_url(config: LLMConfig) -> str | None:
@@ -190,17 +179,7 @@ class BatchSender:
         )
 
     def _failed(self, request: ChatRequest, key: str, error: str) -> Completion:
-        return Completion(
-            request=request,
-            key=key,
-            model=self.backend.model,
-            text=None,
-            finish_reason=None,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached=False,
-            error=self._scrub(error),
-        )
+        return Completion.failure(request, key, self.backend.model, self._scrub(error))
 
     # -- one pass: recorded batches, new ones, wait, collect ----------------------------------
 
@@ -208,7 +187,7 @@ class BatchSender:
         self, todo: dict[str, ChatRequest]
     ) -> AsyncIterator[tuple[str, Answer | ItemFailure]]:
         """Every item of the recorded batches that answer some of `todo`, and of new batches for the rest."""
-        url = shown_url(batch_url(self.config))
+        url = endpoint_name(batch_url(self.config))
         jobs: list[_Job] = []
         covered: set[str] = set()
         for entry in list(self.ledger.entries):
@@ -363,7 +342,7 @@ class BatchSender:
         is an LLMError (exit 3) that says the batches are recorded."""
         import openai
 
-        where = shown_url(batch_url(self.config))
+        where = endpoint_name(batch_url(self.config))
 
         def count(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None

@@ -273,17 +273,7 @@ class OpenAIBackend(Backend):
         return answered, group[len(choices) :]
 
     def _failure(self, request: ChatRequest, error: str) -> Completion:
-        return Completion(
-            request=request,
-            key=self.key_for(request),
-            model=self.model,
-            text=None,
-            finish_reason=None,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached=False,
-            error=self._scrub(error),
-        )
+        return Completion.failure(request, self.key_for(request), self.model, self._scrub(error))
 
     def _count_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
